@@ -1,0 +1,106 @@
+"""GPT-2's byte-pair encoding through tiktoken, loaded from ranks shipped with the package.
+
+``tiktoken.get_encoding("gpt2")`` downloads its files on first use, which fails offline
+and on air-gapped clusters; the ranks here come from the openai-whisper source
+distribution (see ``assets/README.md``) and are checked against a pinned sha256.
+"""
+
+import base64
+import functools
+import hashlib
+from pathlib import Path
+
+import tiktoken
+
+RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+EOT_TOKEN = 50256
+EOT_TEXT = "<|endoftext|>"
+D_VOCAB = 50257
+
+# GPT-2's pre-tokenisation pattern, as in tiktoken's own gpt2 definition.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@functools.cache
+def load_ranks() -> dict[bytes, int]:
+    """The mergeable ranks: token bytes -> id, verified against ``RANKS_SHA256``."""
+    data = RANKS_PATH.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != RANKS_SHA256:
+        raise RuntimeError(
+            f"{RANKS_PATH} has sha256 {digest}, expected {RANKS_SHA256}: the packaged "
+            "tokenizer file is damaged; reinstall hooked-gpt2."
+        )
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@functools.cache
+def get_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's tokenizer, fully offline.
+
+    >>> enc = get_tokenizer()
+    >>> enc.encode("Hello world")
+    [15496, 995]
+    """
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=D_VOCAB,
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=load_ranks(),
+        special_tokens={EOT_TEXT: EOT_TOKEN},
+    )
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (as in its encoder.py)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def hf_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The ranks as Hugging Face's ``vocab.json`` and ``merges.txt`` contents.
+
+    Each merge is recovered by running BPE on a token's bytes with only the ranks below
+    its own: what is left is the pair that merges into it.
+    """
+    ranks = load_ranks()
+    byte_encoder = bytes_to_unicode()
+
+    def show(token: bytes) -> str:
+        return "".join(byte_encoder[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [
+                (ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)
+            ]
+            best_rank, i = min(pair_ranks)
+            assert best_rank < rank, f"token {token!r} cannot be built from lower ranks"
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((show(parts[0]), show(parts[1])))
+    vocab = {show(token): rank for token, rank in ranks.items()}
+    vocab[EOT_TEXT] = EOT_TOKEN
+    return vocab, merges
+
+
+def tokenizer_sha256() -> str:
+    """Identity of the tokenizer, recorded in data manifests."""
+    return RANKS_SHA256
