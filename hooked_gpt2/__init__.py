@@ -1,0 +1,19 @@
+"""hooked-gpt2: a GPT-2 you can train from scratch and take apart."""
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, GPT2Config
+from .hook_points import HookError, HookPoint
+from .model import HookedGPT2
+from .tokenizer import EOT_TOKEN, get_tokenizer
+
+__version__ = "0.1.0"
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "EOT_TOKEN",
+    "GPT2Config",
+    "HookError",
+    "HookPoint",
+    "HookedGPT2",
+    "get_tokenizer",
+]

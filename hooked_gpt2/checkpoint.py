@@ -1,0 +1,138 @@
+"""Checkpoints: ``config.json`` plus ``model.safetensors``; nothing is ever unpickled.
+
+Every file is written under a temporary name, flushed to disk and renamed, so a crash
+mid-save leaves the previous file intact rather than a truncated one.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, GPT2Config
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "hooked-gpt2"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or does not match its config."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def model_state_for_saving(model) -> dict[str, torch.Tensor]:
+    """The state dict with tied weights stored once (safetensors refuses shared storage)."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("unembed.weight")
+    return {name: tensor.detach().contiguous() for name, tensor in state.items()}
+
+
+def save_pretrained(model, path: str | Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = path / WEIGHTS_NAME
+    tmp = weights.with_name(f".{WEIGHTS_NAME}.tmp-{os.getpid()}")
+    save_file(model_state_for_saving(model), str(tmp), metadata={"format": FORMAT})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, weights)
+    config = {"format": FORMAT, "format_version": 1, **model.cfg.to_dict()}
+    atomic_write_text(path / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def load_config(path: str | Path) -> GPT2Config:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"no checkpoint directory at {path}: expected a directory holding {CONFIG_NAME} "
+            f"and {WEIGHTS_NAME}, as written by model.save_pretrained()"
+        )
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing: {path} is not a complete checkpoint")
+    try:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{config_file} is not a hooked-gpt2 config (no \"format\": \"{FORMAT}\"); "
+            "for a Hugging Face GPT-2 directory use HookedGPT2.from_hf()"
+        )
+    data = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+    try:
+        return GPT2Config.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    weights = Path(path)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing: the checkpoint has no weights")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{weights} is corrupt or truncated ({e}); save the checkpoint again or restore it from a copy"
+        ) from None
+
+
+def load_state_into(model, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``state`` into ``model``, with one error listing every mismatch."""
+    expected = model_state_for_saving(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [
+        f"{name}: file {tuple(state[name].shape)} vs config {tuple(t.shape)}"
+        for name, t in expected.items()
+        if name in state and state[name].shape != t.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong_shape:
+            problems.append("shape mismatches " + "; ".join(wrong_shape[:5]))
+        raise CheckpointError(
+            f"{source} does not match its config: {', '.join(problems)}. "
+            "The weights and config.json come from different models."
+        )
+    with torch.no_grad():
+        for name, param in model.state_dict(keep_vars=True).items():
+            if name in state:
+                param.data = state[name].to(param.device)
+
+
+def from_pretrained(cls, path: str | Path, device=None, dtype=None):
+    path = Path(path)
+    cfg = load_config(path)
+    state = load_weights(path / WEIGHTS_NAME)
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.to_empty(device="cpu")
+    load_state_into(model, state, path / WEIGHTS_NAME)
+    if cfg.tie_embeddings:
+        model.unembed.weight = model.embed.weight
+    model.eval()
+    return model.to(device=device, dtype=dtype)

@@ -1,0 +1,116 @@
+"""GPT2Config: the shape of a GPT-2 and the interventions our studies vary, with presets."""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a GPT-2; the message says which field and why."""
+
+
+# Named shapes. gpt2-small is OpenAI's 124M model (tied embeddings, biases everywhere);
+# gpt2-small-untied is the reference study's 163M baseline (untied, no QKV bias).
+PRESETS: dict[str, dict] = {
+    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, dropout=0.1),
+    "gpt2-small-untied": dict(
+        n_layers=12, d_model=768, n_heads=12, dropout=0.1, qkv_bias=False, tie_embeddings=False
+    ),
+    "gpt2-medium": dict(n_layers=24, d_model=1024, n_heads=16, dropout=0.1),
+    "gpt2-large": dict(n_layers=36, d_model=1280, n_heads=20, dropout=0.1),
+    "gpt2-xl": dict(n_layers=48, d_model=1600, n_heads=25, dropout=0.1),
+    # Small presets that train on a laptop CPU. On a CPU a GPT-2-vocabulary model's cost is
+    # dominated by the 50k-token unembedding, so these stay narrow and short.
+    "demo": dict(n_layers=2, d_model=256, n_heads=4, n_ctx=256),
+    "tiny": dict(n_layers=2, d_model=128, n_heads=4, n_ctx=128),
+    "attn-only-2l": dict(n_layers=2, d_model=256, n_heads=8, n_ctx=256, attn_only=True),
+}
+
+
+@dataclass
+class GPT2Config:
+    """Every number that fixes a GPT-2's parameters, plus the interventions we study.
+
+    >>> cfg = GPT2Config.preset("gpt2-small")
+    >>> cfg.n_params() // 1_000_000
+    124
+    """
+
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    d_head: int | None = None  # defaults to d_model // n_heads
+    d_mlp: int | None = None  # defaults to 4 * d_model
+    n_ctx: int = 1024
+    d_vocab: int = 50257
+    act_fn: str = "gelu_new"  # GPT-2's tanh approximation of GELU
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    qkv_bias: bool = True
+    tie_embeddings: bool = True
+    attn_only: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_head is None and isinstance(self.n_heads, int) and self.n_heads > 0:
+            self.d_head = self.d_model // self.n_heads
+        if self.d_mlp is None and isinstance(self.d_model, int):
+            self.d_mlp = 4 * self.d_model
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                f"choose n_heads among {[h for h in range(1, 33) if self.d_model % h == 0]}"
+            )
+        if self.act_fn not in ("gelu_new", "gelu"):
+            raise ConfigError(f"act_fn must be 'gelu_new' (GPT-2's) or 'gelu', got {self.act_fn!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPT2Config":
+        """A named shape (see ``PRESETS``), with any field overridden."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPT2Config":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}; valid fields are {sorted(fields)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "GPT2Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def n_params(self, embeddings: bool = True) -> int:
+        """Parameter count; ``embeddings=False`` leaves out token and position embeddings
+        and the unembedding (the count Chinchilla-style scaling laws use)."""
+        d, h, dh = self.d_model, self.n_heads, self.d_head
+        attn = d * 3 * h * dh + (3 * h * dh if self.qkv_bias else 0) + h * dh * d + d
+        mlp = 0 if self.attn_only else d * self.d_mlp + self.d_mlp + self.d_mlp * d + d
+        lns = 2 * d * (1 if self.attn_only else 2)
+        body = self.n_layers * (attn + mlp + lns) + 2 * d
+        if not embeddings:
+            return body
+        embed = self.d_vocab * d + self.n_ctx * d
+        unembed = 0 if self.tie_embeddings else self.d_vocab * d
+        return body + embed + unembed

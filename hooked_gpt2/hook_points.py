@@ -1,0 +1,130 @@
+"""Hook points: identity modules on every activation worth reading, named by module path.
+
+A hook is ``fn(activation, hook) -> tensor | None``; returning a tensor replaces the
+activation downstream. Backward hooks get the gradient of the activation instead.
+Hooks are attached only for the length of a ``with model.hooks(...)`` block, and are
+removed in ``finally`` even when the run raises.
+"""
+
+import contextlib
+import difflib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
+NameFilter = None | str | Sequence[str] | Callable[[str], bool]
+
+
+class HookError(KeyError):
+    """An unknown hook name or a malformed hook specification."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
+        return str(self.args[0])
+
+
+class HookPoint(nn.Module):
+    """Identity on its input; hooks attached to it can read or replace the activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.name: str = ""  # set by the root module, e.g. "blocks.0.attn.hook_pattern"
+
+    def has_hooks(self) -> bool:
+        return bool(self._forward_hooks)
+
+    def layer(self) -> int | None:
+        """The block index in the name, or None outside the blocks."""
+        parts = self.name.split(".")
+        return int(parts[1]) if parts[0] == "blocks" else None
+
+    def add_hook(self, fn: HookFn, direction: str = "fwd") -> torch.utils.hooks.RemovableHandle:
+        if direction == "fwd":
+
+            def forward_hook(module, inputs, output):
+                return fn(output, self)
+
+        elif direction == "bwd":
+            # A tensor hook on the activation sees exactly its gradient and may replace it.
+            def forward_hook(module, inputs, output):
+                if output.requires_grad:
+                    output.register_hook(lambda grad: fn(grad, self))
+
+        else:
+            raise HookError(f"hook direction must be 'fwd' or 'bwd', got {direction!r}")
+        return self.register_forward_hook(forward_hook)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class HookedRootModule(nn.Module):
+    """Gives a model ``hook_names``, ``hooks``, ``run_with_hooks`` over its HookPoints."""
+
+    def setup_hooks(self) -> None:
+        """Name every HookPoint by its module path; call at the end of ``__init__``."""
+        self.hook_dict: dict[str, HookPoint] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, HookPoint):
+                module.name = name
+                self.hook_dict[name] = module
+
+    def hook_names(self) -> list[str]:
+        """Every hook point's name, in the order the forward pass reaches them."""
+        return list(self.hook_dict)
+
+    def resolve_names(self, names: NameFilter) -> list[str]:
+        """The hook names a filter selects; unknown names raise with the closest valid ones."""
+        if names is None:
+            return self.hook_names()
+        if callable(names):
+            return [name for name in self.hook_dict if names(name)]
+        if isinstance(names, str):
+            names = [names]
+        for name in names:
+            self.check_name(name)
+        return list(names)
+
+    def check_name(self, name: str) -> None:
+        if name not in self.hook_dict:
+            close = difflib.get_close_matches(name, self.hook_dict, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "see model.hook_names()"
+            raise HookError(f"unknown hook name {name!r}; {hint}")
+
+    @contextlib.contextmanager
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+    ) -> Iterator["HookedRootModule"]:
+        """Attach hooks for the length of the block; they are removed even on error.
+
+        >>> with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", print_shape)]):
+        ...     model(tokens)
+        """
+        handles = []
+        try:
+            for direction, specs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                for spec in specs:
+                    if not (isinstance(spec, (tuple, list)) and len(spec) == 2):
+                        raise HookError(f"a hook is a (name_or_filter, fn) pair, got {spec!r}")
+                    name_or_filter, fn = spec
+                    for name in self.resolve_names(name_or_filter):
+                        handles.append(self.hook_dict[name].add_hook(fn, direction))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def run_with_hooks(self, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
+        """Run the forward pass with hooks attached, then remove them.
+
+        Backward hooks are registered on the activations of this run, so they fire when
+        you later call ``.backward()`` on something computed from its output.
+        """
+        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+            return self(*args, **kwargs)

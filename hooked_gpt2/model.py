@@ -1,0 +1,361 @@
+"""HookedGPT2: GPT-2 with a hook point on every activation worth reading.
+
+Read top to bottom in the order the forward pass runs: layer norm, attention, MLP,
+block, model. With no hook attached the model runs the fast path (fused QKV projection,
+``F.layer_norm``, ``F.scaled_dot_product_attention``); hooks on the attention internals or
+the layer-norm scale switch those modules to an explicit path computing the same function.
+"""
+
+import math
+from pathlib import Path
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from . import checkpoint
+from .config import GPT2Config
+from .hook_points import HookedRootModule, HookPoint
+from .tokenizer import EOT_TOKEN, get_tokenizer
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.eps = cfg.layer_norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model))
+        self.hook_scale = HookPoint()  # [batch pos 1]
+        self.hook_normalized = HookPoint()  # [batch pos d_model], after weight and bias
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.weight + self.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        # Q, K and V for all heads in one matrix: one matmul in training. Rows are ordered
+        # (q|k|v, head, d_head), as in Hugging Face's c_attn; W_Q etc. are views into it.
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
+        self.out = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.hook_q = HookPoint()  # [batch pos head_index d_head]
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch head_index query_pos key_pos]
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()  # [batch pos head_index d_head]
+        self.hook_result = HookPoint()  # [batch pos head_index d_model]
+
+    # Per-head views of the fused weights, without copies.
+    def _qkv_weight(self, i: int) -> Float[Tensor, "head_index d_model d_head"]:
+        w = self.qkv.weight.view(3, self.n_heads, self.d_head, -1)[i]
+        return einops.rearrange(w, "head d_head d_model -> head d_model d_head")
+
+    def _qkv_bias(self, i: int) -> Float[Tensor, "head_index d_head"]:
+        if self.qkv.bias is None:
+            return self.qkv.weight.new_zeros(self.n_heads, self.d_head)
+        return self.qkv.bias.view(3, self.n_heads, self.d_head)[i]
+
+    W_Q = property(lambda self: self._qkv_weight(0))
+    W_K = property(lambda self: self._qkv_weight(1))
+    W_V = property(lambda self: self._qkv_weight(2))
+    b_Q = property(lambda self: self._qkv_bias(0))
+    b_K = property(lambda self: self._qkv_bias(1))
+    b_V = property(lambda self: self._qkv_bias(2))
+
+    @property
+    def W_O(self) -> Float[Tensor, "head_index d_head d_model"]:
+        w = self.out.weight.view(-1, self.n_heads, self.d_head)
+        return einops.rearrange(w, "d_model head d_head -> head d_head d_model")
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        return self.out.bias
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], kv_cache=None, layer: int = 0):
+        q, k, v = einops.rearrange(
+            self.qkv(x),
+            "batch pos (three head d_head) -> three batch pos head d_head",
+            three=3,
+            head=self.n_heads,
+        )
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        # SDPA and the KV cache both want [batch head pos d_head].
+        q, k, v = (einops.rearrange(t, "batch pos head d_head -> batch head pos d_head") for t in (q, k, v))
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.update(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+            z = self._explicit_attention(q, k, v, past, dropout)
+        else:
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=_causal_mask(q, k, past), dropout_p=dropout,
+                is_causal=past == 0 and q.shape[2] > 1,
+            )
+        z = self.hook_z(einops.rearrange(z, "batch head pos d_head -> batch pos head d_head"))
+        if self.hook_result.has_hooks():
+            result = self.hook_result(
+                einops.einsum(
+                    z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"
+                )
+            )
+            out = result.sum(-2) + self.out.bias
+        else:
+            out = self.out(einops.rearrange(z, "batch pos head d_head -> batch pos (head d_head)"))
+        return self.resid_dropout(out)
+
+    def _explicit_attention(self, q, k, v, past: int, dropout: float):
+        scores = einops.einsum(
+            q, k, "batch head query_pos d_head, batch head key_pos d_head -> batch head query_pos key_pos"
+        ) / math.sqrt(self.d_head)
+        query_pos = torch.arange(past, past + q.shape[2], device=q.device)[:, None]
+        key_pos = torch.arange(k.shape[2], device=q.device)[None, :]
+        scores = self.hook_attn_scores(scores.masked_fill(key_pos > query_pos, float("-inf")))
+        pattern = self.hook_pattern(scores.softmax(-1))
+        pattern = F.dropout(pattern, dropout, training=dropout > 0)
+        return einops.einsum(
+            pattern, v, "batch head query_pos key_pos, batch head key_pos d_head -> batch head query_pos d_head"
+        )
+
+
+def _causal_mask(q: Tensor, k: Tensor, past: int) -> Tensor | None:
+    """The boolean mask SDPA needs when queries start after cached keys (None otherwise)."""
+    if past == 0 or q.shape[2] == 1:
+        return None  # no past: is_causal; one new query: it may see every cached key
+    query_pos = torch.arange(past, past + q.shape[2], device=q.device)[:, None]
+    return torch.arange(k.shape[2], device=q.device)[None, :] <= query_pos
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.approximate = "tanh" if cfg.act_fn == "gelu_new" else "none"
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.hook_pre = HookPoint()  # [batch pos d_mlp]
+        self.hook_post = HookPoint()
+
+    W_in = property(lambda self: self.fc_in.weight.T)  # [d_model d_mlp]
+    b_in = property(lambda self: self.fc_in.bias)
+    W_out = property(lambda self: self.fc_out.weight.T)  # [d_mlp d_model]
+    b_out = property(lambda self: self.fc_out.bias)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(self.fc_in(x))
+        post = self.hook_post(F.gelu(pre, approximate=self.approximate))
+        return self.dropout(self.fc_out(post))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_only = cfg.attn_only
+        # Attributes in forward order, so hook_names() lists hooks in the order they fire.
+        self.hook_resid_pre = HookPoint()  # [batch pos d_model]
+        self.ln1 = LayerNorm(cfg)
+        self.attn = Attention(cfg)
+        self.hook_attn_out = HookPoint()
+        if not cfg.attn_only:
+            self.hook_resid_mid = HookPoint()
+            self.ln2 = LayerNorm(cfg)
+            self.mlp = MLP(cfg)
+            self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], kv_cache=None):
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), kv_cache, self.layer))
+        if self.attn_only:
+            return self.hook_resid_post(resid_pre + attn_out)
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+class HookedGPT2(HookedRootModule):
+    """GPT-2 for training and for taking apart.
+
+    >>> model = HookedGPT2(GPT2Config.preset("tiny"))
+    >>> logits, cache = model.run_with_cache(model.to_tokens("Hello world"))
+    >>> cache["pattern", 0].shape  # [batch head_index query_pos key_pos]
+    torch.Size([1, 4, 3, 3])
+    """
+
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        self.hook_embed = HookPoint()  # [batch pos d_model]
+        self.hook_pos_embed = HookPoint()
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.init_weights()
+        self.setup_hooks()
+
+    def init_weights(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02), residual output projections scaled down by
+        1/sqrt(2 n_layers) so the residual stream's variance does not grow with depth."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            projections = [block.attn.out] + ([] if self.cfg.attn_only else [block.mlp.fc_out])
+            for linear in projections:
+                nn.init.normal_(linear.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"], kv_cache=None) -> Float[Tensor, "batch pos d_vocab"]:
+        tokens = self.check_tokens(tokens, past=kv_cache.length if kv_cache is not None else 0)
+        past = kv_cache.length if kv_cache is not None else 0
+        positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+        embed = self.hook_embed(self.embed(tokens))
+        pos_embed = self.hook_pos_embed(self.pos_embed(positions).expand_as(embed))
+        resid = self.embed_dropout(embed + pos_embed)
+        for block in self.blocks:
+            resid = block(resid, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += tokens.shape[1]
+        return self.unembed(self.ln_final(resid))
+
+    def loss(self, tokens: Int[Tensor, "batch pos"], per_token: bool = False):
+        """Next-token cross-entropy: predicts ``tokens[:, 1:]`` from ``tokens[:, :-1]``.
+
+        Returns the mean over all predictions, or ``[batch pos-1]`` with ``per_token``.
+        """
+        tokens = self.check_tokens(tokens)
+        if tokens.shape[1] < 2:
+            raise ValueError("loss needs at least 2 tokens per sequence (an input and a target)")
+        logits = self(tokens[:, :-1])
+        losses = F.cross_entropy(
+            logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none" if per_token else "mean"
+        )
+        return losses.view(tokens.shape[0], -1) if per_token else losses
+
+    def check_tokens(self, tokens, past: int = 0) -> Int[Tensor, "batch pos"]:
+        """Token ids as a 2-D long tensor, checked for range and length."""
+        if not isinstance(tokens, Tensor):
+            tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"tokens must be integer ids of shape [batch pos], got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens is empty: give at least one token per sequence")
+        if past + tokens.shape[1] > self.cfg.n_ctx:
+            raise ValueError(
+                f"sequence of {past + tokens.shape[1]} tokens is longer than the model's context "
+                f"n_ctx={self.cfg.n_ctx}; truncate it to the last {self.cfg.n_ctx} tokens"
+            )
+        # Checking values syncs a GPU, so the training hot path on CUDA skips it (an
+        # out-of-range id there still fails, in the embedding's device assert).
+        if not (tokens.is_cuda and self.training) and not torch.compiler.is_compiling():
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.cfg.d_vocab:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is out of range: ids must be in [0, {self.cfg.d_vocab})")
+        return tokens.long().to(self.W_E.device)
+
+    # Weights with TransformerLens's names and axes (views, except the stacks below).
+    W_E = property(lambda self: self.embed.weight)  # [d_vocab d_model]
+    W_pos = property(lambda self: self.pos_embed.weight)  # [n_ctx d_model]
+    W_U = property(lambda self: self.unembed.weight.T)  # [d_model d_vocab]
+
+    def _stack(self, name: str, part: str = "attn") -> Tensor:
+        return torch.stack([getattr(getattr(block, part), name) for block in self.blocks])
+
+    # Stacks over layers, [n_layers ...]: copies, for whole-model einsums in notebooks.
+    W_Q = property(lambda self: self._stack("W_Q"))
+    W_K = property(lambda self: self._stack("W_K"))
+    W_V = property(lambda self: self._stack("W_V"))
+    W_O = property(lambda self: self._stack("W_O"))
+    b_Q = property(lambda self: self._stack("b_Q"))
+    b_K = property(lambda self: self._stack("b_K"))
+    b_V = property(lambda self: self._stack("b_V"))
+    b_O = property(lambda self: self._stack("b_O"))
+    W_in = property(lambda self: self._stack("W_in", "mlp"))
+    W_out = property(lambda self: self._stack("W_out", "mlp"))
+    b_in = property(lambda self: self._stack("b_in", "mlp"))
+    b_out = property(lambda self: self._stack("b_out", "mlp"))
+
+    def qk_circuit(self, layer: int) -> Float[Tensor, "head_index d_model d_model"]:
+        """W_Q W_K^T per head: how a query-side residual direction scores a key-side one."""
+        attn = self.blocks[layer].attn
+        return einops.einsum(attn.W_Q, attn.W_K, "head q d_head, head k d_head -> head q k")
+
+    def ov_circuit(self, layer: int) -> Float[Tensor, "head_index d_model d_model"]:
+        """W_V W_O per head: what a head writes to the residual stream for each direction it reads."""
+        attn = self.blocks[layer].attn
+        return einops.einsum(attn.W_V, attn.W_O, "head src d_head, head d_head dst -> head src dst")
+
+    def n_params(self, embeddings: bool = True) -> int:
+        return self.cfg.n_params(embeddings)
+
+    # Tokenizer helpers (GPT-2's BPE, offline; <|endoftext|> doubles as BOS and padding).
+    @property
+    def tokenizer(self):
+        return get_tokenizer()
+
+    def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
+        """Text to token ids on the model's device; a list of strings is right-padded with
+        <|endoftext|>.
+
+        >>> model.to_tokens("Hello world", prepend_bos=False)
+        tensor([[15496,   995]])
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [([EOT_TOKEN] if prepend_bos else []) + self.tokenizer.encode_ordinary(t) for t in texts]
+        if not any(ids):
+            raise ValueError("the text is empty: give a non-empty prompt (or prepend_bos=True)")
+        width = max(len(row) for row in ids)
+        padded = [row + [EOT_TOKEN] * (width - len(row)) for row in ids]
+        return torch.tensor(padded, dtype=torch.long, device=self.W_E.device)
+
+    def to_str_tokens(self, text_or_tokens, prepend_bos: bool = True) -> list[str]:
+        """Each token as its own string, for labelling plots."""
+        if isinstance(text_or_tokens, str):
+            tokens = self.to_tokens(text_or_tokens, prepend_bos=prepend_bos)[0]
+        else:
+            tokens = torch.as_tensor(text_or_tokens)
+            if tokens.dim() == 2:
+                if tokens.shape[0] != 1:
+                    raise ValueError("to_str_tokens takes one sequence; index the batch first")
+                tokens = tokens[0]
+        return [self.tokenizer.decode([int(t)]) for t in tokens]
+
+    def to_string(self, tokens) -> str | list[str]:
+        """Decode ids back to text; a [batch pos] tensor gives a list of strings."""
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 2:
+            return [self.tokenizer.decode(row.tolist()) for row in tokens]
+        return self.tokenizer.decode(tokens.tolist())
+
+    # Checkpoints.
+    def save_pretrained(self, path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically)."""
+        return checkpoint.save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "HookedGPT2":
+        """Load a ``save_pretrained`` directory (in eval mode). Never unpickles."""
+        return checkpoint.from_pretrained(cls, path, device=device, dtype=dtype)
