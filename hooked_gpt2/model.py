@@ -16,6 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from . import checkpoint
+from .cache import ActivationCache
 from .config import GPT2Config
 from .hook_points import HookedRootModule, HookPoint
 from .tokenizer import EOT_TOKEN, get_tokenizer
@@ -359,3 +360,71 @@ class HookedGPT2(HookedRootModule):
     def from_pretrained(cls, path, device=None, dtype=None) -> "HookedGPT2":
         """Load a ``save_pretrained`` directory (in eval mode). Never unpickles."""
         return checkpoint.from_pretrained(cls, path, device=device, dtype=dtype)
+
+    # Caching.
+    def run_with_cache(
+        self,
+        tokens,
+        names_filter=None,
+        device=None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        metric=None,
+    ) -> tuple[Tensor, ActivationCache]:
+        """Run the model and keep the activations that ``names_filter`` selects (all by
+        default: a name, a list of names, or a function of the name).
+
+        Without ``incl_bwd`` the run is under ``torch.no_grad()``, so memory goes only to
+        what is cached. With it, gradients are stored as ``name + "_grad"``: of
+        ``metric(logits)`` if given, else of the mean next-token loss (``.grad`` of the
+        parameters accumulates as in any backward pass).
+
+        >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "pattern" in n)
+        """
+        names = self.resolve_names(names_filter)
+        tokens = self.check_tokens(tokens)
+        if remove_batch_dim and tokens.shape[0] != 1:
+            raise ValueError(f"remove_batch_dim needs a batch of 1, got {tokens.shape[0]}")
+        store: dict[str, Tensor] = {}
+
+        def keep(key: str, tensor: Tensor) -> None:
+            tensor = tensor.detach()
+            if remove_batch_dim:
+                tensor = tensor[0]
+            store[key] = tensor.to(device) if device is not None else tensor
+
+        def save(activation, hook):
+            keep(hook.name, activation)
+
+        def save_grad(grad, hook):
+            keep(hook.name + "_grad", grad)
+
+        fwd_hooks = [(name, save) for name in names]
+        bwd_hooks = [(name, save_grad) for name in names] if incl_bwd else []
+        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+            if incl_bwd:
+                with torch.enable_grad():
+                    logits = self(tokens)
+                    value = metric(logits) if metric is not None else _next_token_loss(logits, tokens)
+                    if value.dim() != 0:
+                        raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
+                    value.backward()
+                logits = logits.detach()
+            else:
+                with torch.no_grad():
+                    logits = self(tokens)
+        # Keep the forward order of hook names (backward hooks fire in reverse).
+        ordered = {key: store[key] for key in sorted(store, key=self._cache_order)}
+        cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim)
+        return (logits[0] if remove_batch_dim else logits), cache
+
+    def _cache_order(self, key: str) -> tuple[int, int]:
+        order = self._hook_order if hasattr(self, "_hook_order") else self.__dict__.setdefault(
+            "_hook_order", {name: i for i, name in enumerate(self.hook_dict)}
+        )
+        is_grad = key.endswith("_grad")
+        return is_grad, order[key.removesuffix("_grad")]
+
+
+def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
