@@ -370,6 +370,29 @@ def test_a_backward_hook_can_replace_the_gradient(tokens):
     torch.testing.assert_close(cut["blocks.0.mlp.fc_in.weight"], plain["blocks.0.mlp.fc_in.weight"])
 
 
+def test_a_replaced_gradient_reaches_backward_hooks_upstream(tokens):
+    # Regression: blocks.0.hook_resid_post and blocks.1.hook_resid_pre hold one tensor, and
+    # its tensor hooks ran in registration order, so the upstream hook saw the gradient
+    # from before the downstream hook replaced it.
+    model = make_model()
+    seen = {}
+
+    def record(grad, hook):
+        seen[hook.name] = grad.clone()
+
+    def upstream_grad(bwd_hooks):
+        model.zero_grad()
+        hooks = bwd_hooks + [("blocks.0.hook_resid_post", record), ("blocks.0.hook_resid_mid", record)]
+        _loss(model.run_with_hooks(tokens, bwd_hooks=hooks), tokens).backward()
+        model.zero_grad()
+        return seen["blocks.0.hook_resid_post"], seen["blocks.0.hook_resid_mid"]
+
+    plain_post, plain_mid = upstream_grad([])
+    post, mid = upstream_grad([("blocks.1.hook_resid_pre", lambda grad, hook: 2 * grad)])
+    torch.testing.assert_close(post, 2 * plain_post)
+    torch.testing.assert_close(mid, 2 * plain_mid)
+
+
 def test_train_mode_with_dropout_is_random_and_eval_mode_is_deterministic(tokens):
     model = make_model(dropout=0.3)
     model.train()
