@@ -245,7 +245,7 @@ class HookedGPT2(HookedRootModule):
 
         Returns the mean over all predictions, or ``[batch pos-1]`` with ``per_token``.
         """
-        tokens = self.check_tokens(tokens)
+        tokens = self.check_tokens(tokens, past=-1)  # the last token is only a target: n_ctx + 1 fit
         if tokens.shape[1] < 2:
             raise ValueError("loss needs at least 2 tokens per sequence (an input and a target)")
         logits = self(tokens[:, :-1])
@@ -262,7 +262,7 @@ class HookedGPT2(HookedRootModule):
             tokens = tokens[None]
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be integer ids of shape [batch pos], got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.shape[1] == 0:
+        if tokens.numel() == 0:  # no positions, or no sequences (min() below would fail)
             raise ValueError("tokens is empty: give at least one token per sequence")
         if past + tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(
