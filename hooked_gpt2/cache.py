@@ -138,8 +138,10 @@ class ActivationCache:
         return 1 if (self.has_batch_dim if has_batch_dim is None else has_batch_dim) else 0
 
     def _layer(self, layer: int | None) -> int:
-        if layer is None or layer == -1:
+        if layer is None:
             return self.n_layers
+        if -self.n_layers - 1 <= layer < 0:
+            layer += self.n_layers + 1  # -1 is after the last block, as TransformerLens
         if not 0 <= layer <= self.n_layers:
             raise ValueError(f"layer must be in [0, {self.n_layers}] (n_layers means after the last block), got {layer}")
         return layer
@@ -268,20 +270,29 @@ class ActivationCache:
         pos_slice=None, batch_slice=None, has_batch_dim=True,
     ) -> Float[Tensor, "component ..."]:
         """Each component's direct contribution to the logit of ``tokens`` (minus that of
-        ``incorrect_tokens``): the stack, with layer norm applied, dotted with ``W_U``.
+        ``incorrect_tokens``). As in TransformerLens, pass the raw stack: the final layer
+        norm is applied here (``apply_ln_to_stack``), then each component is dotted with
+        ``W_U``. The components sum to the logit minus the final layer norm's bias term.
 
         ``tokens`` is a token id, a single-token string, or ids shaped like the stack's
-        batch/position axes."""
-        directions = self._unembed_directions(tokens)
+        batch/position axes (before ``pos_slice`` / ``batch_slice`` are applied)."""
+        directions = self._unembed_directions(tokens, pos_slice, batch_slice, has_batch_dim)
         if incorrect_tokens is not None:
-            directions = directions - self._unembed_directions(incorrect_tokens)
-        return (residual_stack * directions.to(residual_stack.device)).sum(-1)
+            directions = directions - self._unembed_directions(incorrect_tokens, pos_slice, batch_slice, has_batch_dim)
+        scaled = self.apply_ln_to_stack(
+            residual_stack, None, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
+        )
+        return (scaled * directions.to(scaled.device)).sum(-1)
 
-    def _unembed_directions(self, tokens) -> Tensor:
+    def _unembed_directions(self, tokens, pos_slice=None, batch_slice=None, has_batch_dim=True) -> Tensor:
         if isinstance(tokens, str):
             ids = self.model.tokenizer.encode_ordinary(tokens)
             if len(ids) != 1:
                 raise ValueError(f"{tokens!r} is {len(ids)} tokens, not one: choose a single-token answer")
             tokens = ids[0]
         tokens = torch.as_tensor(tokens, device=self.model.W_U.device)
+        if tokens.dim() > 0:
+            if has_batch_dim and batch_slice is not None:
+                tokens = tokens[batch_slice]
+            tokens = slice_pos(tokens, pos_slice, tokens.dim() - 1)
         return einops.rearrange(self.model.W_U.detach()[:, tokens], "d_model ... -> ... d_model")

@@ -247,7 +247,7 @@ def test_accumulated_resid_with_incl_mid_and_labels(run):
 def test_apply_ln_to_stack_and_logit_attrs_sum_to_the_logits_minus_the_ln_bias(model, tokens, run):
     logits, cache = run
     answers = tokens.roll(-1, dims=1)  # any [batch pos] ids
-    stack = cache.apply_ln_to_stack(cache.decompose_resid())
+    stack = cache.decompose_resid()
     attrs = cache.logit_attrs(stack, answers)
     assert attrs.shape == (stack.shape[0], BATCH, POS)
     with torch.no_grad():
@@ -258,7 +258,12 @@ def test_apply_ln_to_stack_and_logit_attrs_sum_to_the_logits_minus_the_ln_bias(m
         bias_diff = model.ln_final.bias @ (model.W_U[:, 3] - model.W_U[:, 5])
         close(attrs_3_minus_5.sum(0), logits[..., 3] - logits[..., 5] - bias_diff, atol=1e-4)
         # Each component's attribution is its own scaled vector dotted with the unembedding.
-        close(attrs[2], stack[2] @ model.W_U[:, 0] * 0 + (stack[2] * model.W_U[:, answers].permute(1, 2, 0)).sum(-1))
+        scaled = cache.apply_ln_to_stack(stack)
+        close(attrs[2], (scaled[2] * model.W_U[:, answers].permute(1, 2, 0)).sum(-1))
+        # A stack already cut to some batch rows and a position: the slices say which,
+        # for the cached scale and the ids alike.
+        sliced = cache.logit_attrs(stack[:, :1, -1], answers, pos_slice=-1, batch_slice=slice(0, 1))
+        close(sliced, attrs[:, :1, -1])
     with pytest.raises(ValueError, match="single-token"):
         cache.logit_attrs(stack, " Hello world")
 
@@ -306,7 +311,7 @@ def test_stack_head_results_computes_results_from_hook_z_when_not_cached(model, 
 
 def test_stack_head_results_with_ln_and_logit_attrs(model, tokens, run):
     logits, cache = run
-    stack = cache.stack_head_results(incl_remainder=True, apply_ln=True)
+    stack = cache.stack_head_results(incl_remainder=True)
     attrs = cache.logit_attrs(stack, tokens)
     with torch.no_grad():
         bias_term = (model.ln_final.bias @ model.W_U)[tokens]
