@@ -201,7 +201,11 @@ class ActivationCache:
             if mode in ("all", "mlp") and not self.model.cfg.attn_only and l < layer:
                 components.append(self["mlp_out", l])
                 labels.append(f"{l}_mlp_out")
-        stack = slice_pos(torch.stack(components), pos_slice, 1 + self._pos_dim())
+        if not components:  # e.g. mode="mlp" at layer 0 without embeddings
+            stack = self["resid_pre", 0].new_zeros((0, *self["resid_pre", 0].shape))
+        else:
+            stack = torch.stack(components)
+        stack = slice_pos(stack, pos_slice, 1 + self._pos_dim())
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack

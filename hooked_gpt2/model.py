@@ -232,7 +232,10 @@ class HookedGPT2(HookedRootModule):
         past = kv_cache.length if kv_cache is not None else 0
         positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         embed = self.hook_embed(self.embed(tokens))
-        pos_embed = self.hook_pos_embed(self.pos_embed(positions).expand_as(embed))
+        pos_embed = self.pos_embed(positions).expand_as(embed)  # a view: no copy per batch row
+        if self.hook_pos_embed.has_hooks():
+            pos_embed = pos_embed.contiguous()  # so that hooks may edit it in place
+        pos_embed = self.hook_pos_embed(pos_embed)
         resid = self.embed_dropout(embed + pos_embed)
         for block in self.blocks:
             resid = block(resid, kv_cache)

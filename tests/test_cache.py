@@ -377,3 +377,9 @@ def test_an_attention_only_model_caches_and_decomposes(tokens):
         close(model.ln_final(acc[-1]) @ model.W_U, logits)
     with pytest.raises(ValueError, match="resid_mid"):
         cache.accumulated_resid(incl_mid=True)
+
+
+def test_decompose_resid_with_nothing_selected_is_an_empty_stack(run):
+    _, cache = run
+    stack, labels = cache.decompose_resid(layer=0, mode="mlp", incl_embeds=False, return_labels=True)
+    assert labels == [] and stack.shape == (0, *cache["resid_pre", 0].shape)

@@ -405,3 +405,20 @@ def test_train_mode_with_dropout_is_random_and_eval_mode_is_deterministic(tokens
     expected, _ = reference_forward(model, tokens)
     torch.testing.assert_close(model(tokens), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.run_with_hooks(tokens, fwd_hooks=pattern_hook), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pos_embed_can_be_edited_in_place():
+    torch.manual_seed(0)
+    model = HookedGPT2(GPT2Config(n_layers=1, d_model=16, n_heads=2, n_ctx=8, d_vocab=50)).eval()
+    tokens = torch.randint(0, 50, (3, 8))
+
+    def zero_in_place(pos_embed, hook):
+        pos_embed[:, 2] = 0.0
+
+    with torch.no_grad():
+        edited = model.run_with_hooks(tokens, fwd_hooks=[("hook_pos_embed", zero_in_place)])
+        saved = model.pos_embed.weight[2].clone()
+        model.pos_embed.weight[2] = 0.0
+        by_hand = model(tokens)
+        model.pos_embed.weight[2] = saved
+    torch.testing.assert_close(edited, by_hand)
