@@ -45,8 +45,10 @@ window.__reportErrors = [];
     setTimeout(function () {
       var box = document.getElementById("report-errors");
       if (box) { box.textContent = window.__reportErrors.join("\\n"); }
-      var plots = document.querySelectorAll(".plotly-graph-div .main-svg").length > 0
-        ? document.querySelectorAll(".plotly-graph-div").length : 0;
+      var plots = 0;
+      document.querySelectorAll(".plotly-graph-div").forEach(function (el) {
+        if (el.querySelector(".main-svg")) { plots += 1; }
+      });
       var visuals = 0;
       document.querySelectorAll(".circuitsvis-figure").forEach(function (el) {
         if (el.children.length > 0) { visuals += 1; }

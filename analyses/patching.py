@@ -187,32 +187,40 @@ def activation_patching(
     return results
 
 
-def attribution_patching(
-    model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"], metric: Metric | None = None,
-    answer: str | int | None = None, wrong: str | int | None = None, kinds=None,
-) -> dict[str, Tensor]:
-    """The linear approximation of ``activation_patching`` (same keys and shapes), from one
-    clean forward pass and one corrupted forward and backward pass."""
-    metric = _resolve_metric(model, metric, answer, wrong)
+def attribute_patches(
+    model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"], metric: Metric, patches: list[Patch],
+) -> Float[Tensor, "patch"]:
+    """Attribution patching for any list of patches (each applied alone), normalised like
+    ``patch_effect``: ``(clean - corrupted) . grad`` summed over each patch's elements."""
     clean, corrupted = check_pair(model, clean, corrupted)
-    kinds = _check_kinds(model, kinds)
-    names = sorted({model_hook_name(KINDS[k][0], l) for k in kinds for l in range(model.cfg.n_layers)})
+    names = sorted({p.hook_name for p in patches})
     clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
     corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names, incl_bwd=True, metric=metric)
     value_clean, value_corrupted = float(metric(clean_logits)), float(metric(corrupted_logits))
     if abs(value_clean - value_corrupted) < 1e-6 * max(1.0, abs(value_clean)):
         raise AnalysisError("the metric is the same on the clean and corrupted prompts; choose a corruption that changes the answer")
-    results = {}
-    for kind in kinds:
-        patches, shape = patches_for(model, kind, clean.shape[1])
-        values = [
-            ((clean_cache[p.hook_name] - corrupted_cache[p.hook_name]) * corrupted_cache[p.hook_name + "_grad"])[
-                (slice(None), *p.index)
-            ].sum()
-            for p in patches
-        ]
-        results[kind] = (torch.stack(values) / (value_clean - value_corrupted)).reshape(shape).cpu()
-    return results
+    deltas = {
+        name: (clean_cache[name] - corrupted_cache[name]) * corrupted_cache[name + "_grad"] for name in names
+    }
+    values = torch.stack([deltas[p.hook_name][(slice(None), *p.index)].sum() for p in patches])
+    return (values / (value_clean - value_corrupted)).cpu()
+
+
+def attribution_patching(
+    model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"], metric: Metric | None = None,
+    answer: str | int | None = None, wrong: str | int | None = None, kinds=None,
+) -> dict[str, Tensor]:
+    """The linear approximation of ``activation_patching`` (same keys and shapes), from one
+    clean forward pass and one corrupted forward and backward pass.
+
+    >>> approx = attribution_patching(model, clean, corrupted, answer=" Mary", wrong=" John")
+    """
+    metric = _resolve_metric(model, metric, answer, wrong)
+    clean, corrupted = check_pair(model, clean, corrupted)
+    sweeps = {kind: patches_for(model, kind, clean.shape[1]) for kind in _check_kinds(model, kinds)}
+    every = [p for patches, _ in sweeps.values() for p in patches]
+    values = attribute_patches(model, clean, corrupted, metric, every).split([len(p) for p, _ in sweeps.values()])
+    return {kind: v.reshape(shape) for (kind, (_, shape)), v in zip(sweeps.items(), values)}
 
 
 def agreement(real: dict[str, Tensor], approx: dict[str, Tensor]) -> dict[str, dict[str, float]]:
