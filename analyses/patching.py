@@ -119,7 +119,7 @@ def run_patched(
         with torch.no_grad():
             logits = model.run_with_hooks(tokens, fwd_hooks=[(name, patch_hook) for name in by_name])
         values += [metric(copy_logits) for copy_logits in logits.split(batch)]
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).cpu()
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)
 
 
 @dataclass
