@@ -132,11 +132,12 @@ def test_dla_contributions_and_remainder_sum_to_the_logit(tiny_model):
 
 def test_attribution_patching_equals_patching_for_a_linear_metric(tiny_model):
     # The logits are linear in ln_final's output: attribution patching is then exact.
+    tiny_model = copy.deepcopy(tiny_model).double()
     clean, corrupted = tiny_model.to_tokens(CLEAN), tiny_model.to_tokens(CORRUPTED)
     metric = logit_diff(tiny_model.to_tokens(" Mary", False)[0, 0].item(), tiny_model.to_tokens(" John", False)[0, 0].item())
     patches = [Patch("ln_final.hook_normalized", (p,)) for p in range(clean.shape[1])]
     base = baseline(tiny_model, clean, corrupted, metric)
     real = base.normalise(run_patched(tiny_model, corrupted, base.clean_cache, metric, [[p] for p in patches]))
     approx = attribute_patches(tiny_model, clean, corrupted, metric, patches)
-    torch.testing.assert_close(approx, real, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(approx.double(), real, atol=1e-6, rtol=1e-6)
     assert real[-1] == pytest.approx(1.0, abs=1e-4)  # only the last position feeds the metric
