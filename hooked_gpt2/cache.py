@@ -20,6 +20,7 @@ ATTN_HOOKS = {"q", "k", "v", "z", "attn_scores", "pattern", "result"}
 MLP_HOOKS = {"pre", "post"}
 LN_HOOKS = {"scale", "normalized"}
 ALIASES = {"attn": "pattern", "scores": "attn_scores"}
+SHORT_NAMES = {"embed", "pos_embed"} | BLOCK_HOOKS | ATTN_HOOKS | MLP_HOOKS | LN_HOOKS | set(ALIASES)
 
 
 def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None, n_layers: int | None = None) -> str:
@@ -92,9 +93,9 @@ class ActivationCache:
     def _full_name(self, key) -> str:
         if isinstance(key, tuple):
             return get_act_name(*key, n_layers=self.model.cfg.n_layers)
-        if key in self.cache_dict or key in self.model.hook_dict or key.endswith("_grad"):
-            return key
-        return get_act_name(key, n_layers=self.model.cfg.n_layers)  # "embed", "scale", ...
+        if key in SHORT_NAMES:  # "embed", "scale", ...
+            return get_act_name(key, n_layers=self.model.cfg.n_layers)
+        return key  # a full name; __getitem__ names the closest valid ones if it is unknown
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.cache_dict)

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, hf_interop
 from .cache import ActivationCache
 from .config import GPT2Config
+from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
 from .tokenizer import EOT_TOKEN, get_tokenizer
 
@@ -244,7 +245,7 @@ class HookedGPT2(HookedRootModule):
 
         Returns the mean over all predictions, or ``[batch pos-1]`` with ``per_token``.
         """
-        tokens = self.check_tokens(tokens)
+        tokens = self.check_tokens(tokens, past=-1)  # the last token is only a target: n_ctx + 1 fit
         if tokens.shape[1] < 2:
             raise ValueError("loss needs at least 2 tokens per sequence (an input and a target)")
         logits = self(tokens[:, :-1])
@@ -261,7 +262,7 @@ class HookedGPT2(HookedRootModule):
             tokens = tokens[None]
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be integer ids of shape [batch pos], got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.shape[1] == 0:
+        if tokens.numel() == 0:  # no positions, or no sequences (min() below would fail)
             raise ValueError("tokens is empty: give at least one token per sequence")
         if past + tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(
@@ -424,6 +425,53 @@ class HookedGPT2(HookedRootModule):
         )
         is_grad = key.endswith("_grad")
         return is_grad, order[key.removesuffix("_grad")]
+
+
+    # Generation.
+    def generate(
+        self,
+        prompt_or_tokens,
+        max_new_tokens: int = 20,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = False,
+        use_kv_cache: bool = True,
+    ):
+        """Continue a prompt. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable.
+
+        A string gives back a string (prompt and continuation); token ids ``[batch pos]``
+        give back ``[batch pos + new]`` (fewer new if every row stopped at <|endoftext|>).
+
+        >>> model.generate("The meaning of life is", max_new_tokens=5, temperature=0)
+        """
+        if isinstance(prompt_or_tokens, str):
+            if not prompt_or_tokens:
+                raise ValueError("the prompt is empty: give some text to continue")
+            tokens = self.to_tokens(prompt_or_tokens, prepend_bos=False)
+        else:
+            tokens = self.check_tokens(prompt_or_tokens)
+        out = generate_tokens(
+            self, tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, use_kv_cache
+        )
+        return self.to_string(out[0]) if isinstance(prompt_or_tokens, str) else out
+
+
+    # Hugging Face interop.
+    @classmethod
+    def from_hf(cls, dir_or_model, device=None, dtype=None) -> "HookedGPT2":
+        """Load a Hugging Face ``GPT2LMHeadModel``: a ``save_pretrained`` directory (e.g.
+        OpenAI's GPT-2 weights already on disk) or a model object.
+
+        >>> model = HookedGPT2.from_hf("path/to/gpt2")
+        """
+        return hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
+
+    def save_hf(self, path) -> Path:
+        """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads as an
+        exactly equivalent model, with GPT-2's tokenizer files for ``pipeline``."""
+        return hf_interop.save_hf(self, path)
 
 
 def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
