@@ -64,8 +64,8 @@ def direct_logit_attribution(
     if cache is None:
         _, cache = model.run_with_cache(tokens)
     stack, labels = component_stack(model, cache)
-    normed = cache.apply_ln_to_stack(stack)[:, :, pos]  # [component batch d_model]
-    attrs = cache.logit_attrs(normed, answer_id, wrong_id).mean(-1).cpu()  # [component]
+    # logit_attrs applies the final layer norm itself (the cached scale at ``pos``).
+    attrs = cache.logit_attrs(stack[:, :, pos], answer_id, wrong_id, pos_slice=pos).mean(-1).cpu()  # [component]
     direction = model.W_U[:, answer_id] - (model.W_U[:, wrong_id] if wrong_id is not None else 0)
     ln_bias = float(model.ln_final.bias.detach() @ direction.detach())
     L, H = model.cfg.n_layers, model.cfg.n_heads
