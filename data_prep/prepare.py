@@ -42,7 +42,6 @@ DEFAULT_VAL_EVERY = 50  # spreads the python-stdlib validation documents over th
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shard size: 200 MB files
 MANIFEST = "manifest.json"
 FORMAT = "hooked-gpt2 token shards"
-MAX_EXAMPLES = 20  # files named in the manifest as having undecodable bytes
 
 
 def package_version() -> str:
@@ -164,9 +163,11 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
     train = ShardWriter(out, "train", options["shard_tokens"])
     val = ShardWriter(out, "val", options["shard_tokens"])
     meter = Progress(max_tokens, progress)
-    n_docs = 0
-    with contextlib.closing(encode_documents(src.documents, workers)) as docs, meter:
-        for tokens in docs:
+    n_docs, stats = 0, src.stats
+    # Counters come with each chunk, not from src.stats at the end: the reader runs
+    # ahead of the workers by an amount that depends on their number.
+    with contextlib.closing(encode_documents(src.documents, workers, src.stats.snapshot)) as docs, meter:
+        for tokens, stats in docs:
             if val.tokens < val_tokens and n_docs % val_every == 0:
                 val.add(tokens)
                 val.documents += 1
@@ -182,7 +183,6 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
     val.flush()
     if train.tokens == 0:
         raise empty_corpus_error(options["source"], n_docs, src)
-    stats = src.stats
     return {
         "format": FORMAT,
         "package_version": package_version(),
@@ -200,8 +200,8 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
             "empty_documents": stats.empty_documents,
             "filtered_documents": stats.filtered_documents,
             "replaced_characters": stats.replaced_characters,
-            "files_with_replacements": stats.files_with_replacements[:MAX_EXAMPLES],
-            "files_with_replacements_count": len(stats.files_with_replacements),
+            "files_with_replacements": stats.files_with_replacements,
+            "examples_with_replacements": stats.examples_with_replacements,
         },
     }
 

@@ -6,6 +6,7 @@ A source is an iterator of document strings in a fixed order, so the same source
 the same token stream on every run and every machine.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -14,7 +15,7 @@ import socket
 import sys
 import sysconfig
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +27,7 @@ TXT_DOCS = ("file", "paragraph")
 # Directories of the standard library that are not the library itself.
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 HUB_PROBE_TIMEOUT_S = 3.0
+MAX_EXAMPLES = 20  # files named as having undecodable bytes
 
 
 class DataPrepError(ValueError):
@@ -42,7 +44,11 @@ class SourceStats:
     empty_documents: int = 0
     filtered_documents: int = 0
     replaced_characters: int = 0
-    files_with_replacements: list[str] = field(default_factory=list)
+    files_with_replacements: int = 0
+    examples_with_replacements: list[str] = field(default_factory=list)  # the first few, by name
+
+    def snapshot(self) -> "SourceStats":
+        return dataclasses.replace(self, examples_with_replacements=list(self.examples_with_replacements))
 
 
 @dataclass
@@ -76,7 +82,7 @@ def resolve_source(source: str, *, config: str | None = None, data_files: str | 
         root = Path(sysconfig.get_paths()["stdlib"])
         files = stdlib_files(root)
         info = {"stdlib": str(root), "python": sys.version.split()[0], "files": len(files)}
-        docs = (read_text(path, stats) for path in files)
+        docs = nonempty((read_text(path, stats) for path in files), stats)
         return Source("python-stdlib", info, docs, stats)
     if source == "fineweb-edu":
         if data_files:
@@ -132,11 +138,20 @@ def local_documents(files: list[Path], opts: TextOptions, stats: SourceStats) ->
     for path in files:
         if path.suffix == ".txt":
             text = read_text(path, stats)
-            yield from (paragraphs(text) if opts.txt_docs == "paragraph" else [text])
+            yield from nonempty(paragraphs(text) if opts.txt_docs == "paragraph" else [text], stats)
         elif path.suffix == ".parquet":
             yield from parquet_documents(path, opts, stats)
         else:
             yield from json_documents(path, opts, stats)
+
+
+def nonempty(texts: Iterable[str], stats: SourceStats) -> Iterator[str]:
+    """Skip empty documents (an empty ``__init__.py``): they would be a lone EOT."""
+    for text in texts:
+        if text:
+            yield text
+        else:
+            stats.empty_documents += 1
 
 
 def paragraphs(text: str) -> list[str]:
@@ -153,7 +168,9 @@ def decode(data: bytes, where: str, stats: SourceStats) -> str:
         # Count only what the decoder replaced, not U+FFFD already in the text.
         clean = data.decode("utf-8", errors="ignore")
         stats.replaced_characters += text.count("\ufffd") - clean.count("\ufffd")
-        stats.files_with_replacements.append(where)
+        stats.files_with_replacements += 1
+        if len(stats.examples_with_replacements) < MAX_EXAMPLES:
+            stats.examples_with_replacements.append(where)
         return text
 
 
