@@ -17,7 +17,7 @@ from hooked_gpt2.tokenizer import EOT_TOKEN, get_tokenizer
 
 # Large enough that pickling and process hand-offs are noise next to tokenising a chunk,
 # small enough that a few chunks in flight per worker stay a few megabytes.
-CHUNK_CHARS = 1 << 20
+CHUNK_CHARS = 1 << 18
 CHUNKS_IN_FLIGHT_PER_WORKER = 3
 
 

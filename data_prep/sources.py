@@ -262,7 +262,8 @@ def hf_source(path: str, config: str | None, data_files: list[Path] | None,
     the same ``load_dataset`` call; only ``path`` and ``data_files`` differ.
     """
     if data_files is None and not Path(path).exists():
-        require_hub(path)
+        require_hub(path, "--source fineweb-edu --data-files DIR" if path == FINEWEB_EDU
+                    else f"--source hf:{path} --data-files FILES")
     files = [str(p) for p in data_files] if data_files else None
     info = {"dataset": path, "config": config, "data_files": len(files) if files else None}
     return Source("hf", info, hf_documents(path, config, files, opts, stats), stats)
@@ -284,12 +285,11 @@ def hf_documents(path: str, config: str | None, data_files: list[str] | None,
             yield text
 
 
-def require_hub(dataset: str) -> None:
+def require_hub(dataset: str, local_form: str) -> None:
     """Fail in seconds, not minutes of retries, when the hub cannot be reached."""
     advice = (f"cannot stream {dataset} from the Hugging Face hub: {{why}}. Prepare from local "
-              "files instead: download the parquet files elsewhere and pass "
-              "--source fineweb-edu --data-files DIR (or --source DIR), "
-              "or use the embedded corpus with --source python-stdlib")
+              f"files instead: download its parquet files elsewhere and pass {local_form} "
+              "(or --source DIR), or use the embedded corpus with --source python-stdlib")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
             raise DataPrepError(advice.format(why=f"{var} is set"))
