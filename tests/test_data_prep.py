@@ -121,6 +121,15 @@ def test_fineweb_edu_path_on_local_parquet_matches_direct_parquet(tmp_path):
     assert sorted(docs) == sorted(r["text"] for r in records)
 
 
+def test_hf_source_with_local_data_files_and_text_column(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"story": f"Once upon a time {i}."} for i in range(5)])
+    out = prepare("hf:json", tmp_path / "out", data_files=str(src), text_column="story", val_tokens=0, **QUIET)
+    assert split_docs(out, "train") == [f"Once upon a time {i}." for i in range(5)]
+    with pytest.raises(DataPrepError, match="no 'text' field"):
+        prepare("hf:json", tmp_path / "bad", data_files=str(src), val_tokens=0, **QUIET)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_tinyshakespeare_whole_file_and_paragraphs(tmp_path):
     text = shared_file("tinyshakespeare.txt").read_text()
     whole = prepare(str(shared_file("tinyshakespeare.txt")), tmp_path / "whole", val_tokens=0, **QUIET)
