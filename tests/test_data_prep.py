@@ -160,6 +160,7 @@ def test_max_tokens_caps_training_exactly(tmp_path):
     assert len(split_tokens(out, "train")) == manifest["splits"]["train"]["tokens"] == 20_000
     assert [s["tokens"] for s in manifest["splits"]["train"]["shards"]] == [7_000, 7_000, 6_000]
     assert manifest["splits"]["val"]["tokens"] >= 3_000
+    assert manifest["train_last_document_cut"]
 
 
 def test_encode_document_matches_encode_ordinary():
