@@ -112,6 +112,9 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
 def ensure_default_data(out: str | Path = "data/python-stdlib", **kwargs) -> Path:
     """The embedded python-stdlib corpus under ``out``, prepared on first use.
 
+    Under DDP, call it on one rank and wait at a barrier: two processes preparing the
+    same directory at once would race on its temporary files.
+
     >>> data_dir = ensure_default_data("/tmp/stdlib-demo", max_tokens=50_000, val_tokens=5_000,
     ...                                progress=False, log=lambda *a: None)
     """
