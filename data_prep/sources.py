@@ -86,13 +86,13 @@ def resolve_source(source: str, *, config: str | None = None, data_files: str | 
         return Source("python-stdlib", info, docs, stats)
     if source == "fineweb-edu":
         if data_files:
-            return hf_source("parquet", None, local_files(data_files, (".parquet",)), opts, stats)
+            return hf_source("parquet", None, local_files(data_files, (".parquet",), "--data-files"), opts, stats)
         return hf_source(FINEWEB_EDU, config or FINEWEB_EDU_CONFIG, None, opts, stats)
     if source.startswith("hf:"):
         name, _, hf_config = source[3:].partition(":")
         if not name:
             raise DataPrepError("hf: needs a dataset name, e.g. --source hf:roneneldan/TinyStories")
-        files = local_files(data_files, None) if data_files else None
+        files = local_files(data_files, None, "--data-files") if data_files else None
         return hf_source(name, hf_config or config, files, opts, stats)
     files = local_files(source, LOCAL_SUFFIXES)
     if opts.min_int_score is not None and any(f.suffix == ".txt" for f in files):
@@ -110,7 +110,7 @@ def stdlib_files(root: Path) -> list[Path]:
     return files
 
 
-def local_files(pattern: str, suffixes: tuple[str, ...] | None) -> list[Path]:
+def local_files(pattern: str, suffixes: tuple[str, ...] | None, flag: str = "--source") -> list[Path]:
     """A file, a directory (searched recursively) or a glob, as a sorted list of files."""
     if any(ch in pattern for ch in "*?["):
         matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
@@ -121,8 +121,9 @@ def local_files(pattern: str, suffixes: tuple[str, ...] | None) -> list[Path]:
     elif Path(pattern).exists():
         matches = [Path(pattern)]
     else:
-        raise DataPrepError(f"{pattern} does not exist; --source takes python-stdlib, fineweb-edu, "
-                            "hf:NAME[:CONFIG], or a local file, directory or glob")
+        hint = ("; --source takes python-stdlib, fineweb-edu, hf:NAME[:CONFIG], or a local file, "
+                "directory or glob") if flag == "--source" else f" (given as {flag})"
+        raise DataPrepError(f"{pattern} does not exist{hint}")
     if suffixes is None:
         return matches
     if len(matches) == 1 and matches[0].suffix not in suffixes:
