@@ -12,6 +12,7 @@ each preparation writes into a fresh directory, so none reuses another's shards.
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import sys
@@ -31,6 +32,21 @@ def cpu_seconds() -> float:
     """CPU time of this process and its finished children (the pool's workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _spin(seconds: float) -> None:
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+
+
+def available_parallelism(seconds: float = 0.5) -> float:
+    """How many CPUs' worth two busy processes actually get right now (2.0 on an idle
+    2-core machine): the ceiling for any 2-worker speed-up measured in this run."""
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(_spin, [seconds, seconds])
+    return 2 * seconds / (time.perf_counter() - start)
 
 
 def timed(fn) -> tuple[float, float]:
@@ -75,7 +91,8 @@ def main() -> None:
                     if seconds < best.get(key, float("inf")):
                         best[key], cpu[key] = seconds, cpu_s
     rates = {key: raw_tokens / seconds for key, seconds in best.items()}
-    print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work skews wall times)")
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; two busy processes get "
+          f"{available_parallelism():.2f} CPUs now (the ceiling for the 2-worker speed-up)")
     for workers in (1, 2):
         print(f"{workers} worker(s): prepare {rates['prepare', workers] / 1e6:6.2f}M tok/s "
               f"({best['prepare', workers]:.2f}s wall, {cpu['prepare', workers]:.2f}s CPU)   "
