@@ -72,6 +72,8 @@ class TrainConfig:
     # Evaluation, logging, checkpoints.
     eval_every: int = _help("steps between validation-loss evaluations (also at step 0 and the end)", default=100)
     eval_batches: int = _help("fixed validation batches per evaluation", default=8)
+    eval_batch_size: int = _help("sequences per validation batch (independent of the training batch, "
+                                 "so runs with different batch layouts compare)", default=8)
     log_every: int = _help("steps between metrics.jsonl rows", default=10)
     sample_tokens: int = _help("tokens per sampled generation at each evaluation (0 = none)", default=48)
     sample_prompts: list = _help(
@@ -104,7 +106,7 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        for name in ("batch_size", "eval_every", "eval_batches", "log_every", "ckpt_every", "ddp_timeout_s"):
+        for name in ("batch_size", "eval_every", "eval_batches", "eval_batch_size", "log_every", "ckpt_every", "ddp_timeout_s"):
             _positive(name, getattr(self, name))
         for name in ("seq_len", "global_batch_tokens", "max_tokens"):
             if getattr(self, name) is not None:
@@ -201,11 +203,9 @@ MODEL_HELP = {
 }
 
 
-def _off_or(kind):
+def _off_or(kind, off_value):
     def parse(text: str):
-        if text.lower() in ("off", "none"):
-            return None if kind is float else 0.0
-        return kind(text)
+        return off_value if text.lower() in ("off", "none") else kind(text)
 
     parse.__name__ = kind.__name__
     return parse
@@ -213,7 +213,7 @@ def _off_or(kind):
 
 def _arg_type(f: dataclasses.Field):
     if f.name == "grad_clip":
-        return {"type": _off_or(float)}
+        return {"type": _off_or(float, None)}
     if f.name == "sample_prompts":
         return {"type": str, "nargs": "*"}
     kinds = {"int": int, "float": float, "str": str, "bool": bool, "int | None": int, "float | None": float,
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=choices, **_arg_type(f))
     group = p.add_argument_group("model overrides (GPT2Config fields; the study's interventions among them)")
     for f in dataclasses.fields(GPT2Config):
-        kind = {"dropout": {"type": _off_or(float)}}.get(f.name) or _arg_type(f)
+        kind = {"dropout": {"type": _off_or(float, 0.0)}}.get(f.name) or _arg_type(f)
         group.add_argument("--" + f.name.replace("_", "-"), dest="model." + f.name, help=MODEL_HELP[f.name], **kind)
     return p
 

@@ -5,7 +5,7 @@ every time, so curves compare across runs and a later analysis can recompute a r
 validation loss from ``RUN/config.json`` alone:
 
 >>> cfg = json.load(open("runs/demo/config.json"))                     # doctest: +SKIP
->>> batches = fixed_val_batches(cfg["data"], cfg["batch_size"], cfg["seq_len"], cfg["eval_batches"])
+>>> batches = fixed_val_batches(cfg["data"], cfg["eval_batch_size"], cfg["seq_len"], cfg["eval_batches"])
 >>> evaluate(HookedGPT2.from_pretrained("runs/demo/checkpoints/step_0000100"), batches)
 """
 

@@ -74,7 +74,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
     loader = BatchLoader(TokenDataset(cfg.data, "train"), cfg.batch_size, cfg.seq_len,
                          rank=d.rank, world_size=d.world_size)
-    val_batches = fixed_val_batches(cfg.data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    val_batches = fixed_val_batches(cfg.data, cfg.eval_batch_size, cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed + d.rank)  # each rank its own dropout masks
     start_step = restore(run_dir, model, optimizer, scaler, loader, d) if cfg.resume else 0
     if d.is_main:
