@@ -47,9 +47,14 @@ class HookPoint(nn.Module):
 
         elif direction == "bwd":
             # A tensor hook on the activation sees exactly its gradient and may replace it.
+            # It goes on a fresh alias: hook points are identities, so one tensor can pass
+            # through several (blocks.0.hook_resid_post is blocks.1.hook_resid_pre), and
+            # hooks on one tensor run in registration order, not upstream after downstream.
             def forward_hook(module, inputs, output):
                 if output.requires_grad:
+                    output = output.view_as(output)
                     output.register_hook(lambda grad: fn(grad, self))
+                    return output
 
         else:
             raise HookError(f"hook direction must be 'fwd' or 'bwd', got {direction!r}")

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, hf_interop
+from .cache import ActivationCache
 from .config import GPT2Config
+from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
 from .tokenizer import EOT_TOKEN, get_tokenizer
 
@@ -230,7 +232,10 @@ class HookedGPT2(HookedRootModule):
         past = kv_cache.length if kv_cache is not None else 0
         positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         embed = self.hook_embed(self.embed(tokens))
-        pos_embed = self.hook_pos_embed(self.pos_embed(positions).expand_as(embed))
+        pos_embed = self.pos_embed(positions).expand_as(embed)  # a view: no copy per batch row
+        if self.hook_pos_embed.has_hooks():
+            pos_embed = pos_embed.contiguous()  # so that hooks may edit it in place
+        pos_embed = self.hook_pos_embed(pos_embed)
         resid = self.embed_dropout(embed + pos_embed)
         for block in self.blocks:
             resid = block(resid, kv_cache)
@@ -243,7 +248,7 @@ class HookedGPT2(HookedRootModule):
 
         Returns the mean over all predictions, or ``[batch pos-1]`` with ``per_token``.
         """
-        tokens = self.check_tokens(tokens)
+        tokens = self.check_tokens(tokens, past=-1)  # the last token is only a target: n_ctx + 1 fit
         if tokens.shape[1] < 2:
             raise ValueError("loss needs at least 2 tokens per sequence (an input and a target)")
         logits = self(tokens[:, :-1])
@@ -260,7 +265,7 @@ class HookedGPT2(HookedRootModule):
             tokens = tokens[None]
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be integer ids of shape [batch pos], got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.shape[1] == 0:
+        if tokens.numel() == 0:  # no positions, or no sequences (min() below would fail)
             raise ValueError("tokens is empty: give at least one token per sequence")
         if past + tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(
@@ -359,3 +364,118 @@ class HookedGPT2(HookedRootModule):
     def from_pretrained(cls, path, device=None, dtype=None) -> "HookedGPT2":
         """Load a ``save_pretrained`` directory (in eval mode). Never unpickles."""
         return checkpoint.from_pretrained(cls, path, device=device, dtype=dtype)
+
+    # Caching.
+    def run_with_cache(
+        self,
+        tokens,
+        names_filter=None,
+        device=None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        metric=None,
+    ) -> tuple[Tensor, ActivationCache]:
+        """Run the model and keep the activations that ``names_filter`` selects (all by
+        default: a name, a list of names, or a function of the name).
+
+        Without ``incl_bwd`` the run is under ``torch.no_grad()``, so memory goes only to
+        what is cached. With it, gradients are stored as ``name + "_grad"``: of
+        ``metric(logits)`` if given, else of the mean next-token loss (``.grad`` of the
+        parameters accumulates as in any backward pass).
+
+        >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "pattern" in n)
+        """
+        names = self.resolve_names(names_filter)
+        tokens = self.check_tokens(tokens)
+        if remove_batch_dim and tokens.shape[0] != 1:
+            raise ValueError(f"remove_batch_dim needs a batch of 1, got {tokens.shape[0]}")
+        store: dict[str, Tensor] = {}
+
+        def keep(key: str, tensor: Tensor) -> None:
+            tensor = tensor.detach()
+            if remove_batch_dim:
+                tensor = tensor[0]
+            store[key] = tensor.to(device) if device is not None else tensor
+
+        def save(activation, hook):
+            keep(hook.name, activation)
+
+        def save_grad(grad, hook):
+            keep(hook.name + "_grad", grad)
+
+        fwd_hooks = [(name, save) for name in names]
+        bwd_hooks = [(name, save_grad) for name in names] if incl_bwd else []
+        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+            if incl_bwd:
+                with torch.enable_grad():
+                    logits = self(tokens)
+                    value = metric(logits) if metric is not None else _next_token_loss(logits, tokens)
+                    if value.dim() != 0:
+                        raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
+                    value.backward()
+                logits = logits.detach()
+            else:
+                with torch.no_grad():
+                    logits = self(tokens)
+        # Keep the forward order of hook names (backward hooks fire in reverse).
+        ordered = {key: store[key] for key in sorted(store, key=self._cache_order)}
+        cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim)
+        return (logits[0] if remove_batch_dim else logits), cache
+
+    def _cache_order(self, key: str) -> tuple[int, int]:
+        order = self._hook_order if hasattr(self, "_hook_order") else self.__dict__.setdefault(
+            "_hook_order", {name: i for i, name in enumerate(self.hook_dict)}
+        )
+        is_grad = key.endswith("_grad")
+        return is_grad, order[key.removesuffix("_grad")]
+
+
+    # Generation.
+    def generate(
+        self,
+        prompt_or_tokens,
+        max_new_tokens: int = 20,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = False,
+        use_kv_cache: bool = True,
+    ):
+        """Continue a prompt. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable.
+
+        A string gives back a string (prompt and continuation); token ids ``[batch pos]``
+        give back ``[batch pos + new]`` (fewer new if every row stopped at <|endoftext|>).
+
+        >>> model.generate("The meaning of life is", max_new_tokens=5, temperature=0)
+        """
+        if isinstance(prompt_or_tokens, str):
+            if not prompt_or_tokens:
+                raise ValueError("the prompt is empty: give some text to continue")
+            tokens = self.to_tokens(prompt_or_tokens, prepend_bos=False)
+        else:
+            tokens = self.check_tokens(prompt_or_tokens)
+        out = generate_tokens(
+            self, tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, use_kv_cache
+        )
+        return self.to_string(out[0]) if isinstance(prompt_or_tokens, str) else out
+
+
+    # Hugging Face interop.
+    @classmethod
+    def from_hf(cls, dir_or_model, device=None, dtype=None) -> "HookedGPT2":
+        """Load a Hugging Face ``GPT2LMHeadModel``: a ``save_pretrained`` directory (e.g.
+        OpenAI's GPT-2 weights already on disk) or a model object.
+
+        >>> model = HookedGPT2.from_hf("path/to/gpt2")
+        """
+        return hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
+
+    def save_hf(self, path) -> Path:
+        """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads as an
+        exactly equivalent model, with GPT-2's tokenizer files for ``pipeline``."""
+        return hf_interop.save_hf(self, path)
+
+
+def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())

@@ -1,9 +1,38 @@
-"""Shared test fixtures. Keep each fixture small and clearly named: several branches add here."""
+"""Shared fixtures for the analyses tests: a tiny random GPT-2 (with GPT-2's vocabulary,
+so prompts tokenize) saved as a checkpoint, and the planted induction model."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
+from hooked_gpt2 import GPT2Config, HookedGPT2
+from tests.planted import build_planted_induction_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> HookedGPT2:
+    torch.manual_seed(0)
+    cfg = GPT2Config.preset("tiny", d_model=64, n_heads=4, n_ctx=64, d_vocab=50257)
+    model = HookedGPT2(cfg).eval()
+    with torch.no_grad():  # non-zero biases, so that tests notice a bias left out
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model, tmp_path_factory):
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def planted():
+    return build_planted_induction_model()
+
+
+# Training tests: tiny-shakespeare prepared once per session.
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -1,0 +1,75 @@
+"""Command-line pieces the analysis scripts share: the common flags, loading a
+checkpoint, and turning user errors into ``error: ...`` with exit code 2."""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hooked_gpt2 import CheckpointError, HookError, HookedGPT2
+
+from .common import AnalysisError
+
+# ValueError covers our AnalysisError, CheckpointError and ConfigError, and the model's own
+# checks on token ids and lengths, whose messages are written for users.
+USER_ERRORS = (ValueError, HookError)
+
+
+def parser(description: str, prompt: bool = True) -> argparse.ArgumentParser:
+    """An argument parser with ``--checkpoint``, ``--out`` and (optionally) ``--prompt``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (save_pretrained output or a Hugging Face GPT-2 directory)")
+    p.add_argument("--out", required=True, help="directory to write report.html and results.json into")
+    p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    if prompt:
+        p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. The quick brown fox",
+                       help="text to analyse (a BOS token is prepended)")
+    return p
+
+
+def load_model(path: str | Path, device: str = "cpu") -> HookedGPT2:
+    """A hooked-gpt2 checkpoint, or a Hugging Face GPT-2 directory through ``from_hf``."""
+    path = Path(path)
+    config = path / "config.json"
+    is_ours = True
+    if config.is_file():
+        try:
+            is_ours = json.loads(config.read_text()).get("format") == "hooked-gpt2"
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            is_ours = True  # let from_pretrained report the damaged file
+    if is_ours:
+        model = HookedGPT2.from_pretrained(path)
+    else:
+        if not hasattr(HookedGPT2, "from_hf"):
+            raise CheckpointError(f"{path} is not a hooked-gpt2 checkpoint, and this version cannot load Hugging Face directories (no HookedGPT2.from_hf)")
+        try:
+            model = HookedGPT2.from_hf(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot load {path} as a Hugging Face GPT-2: {e}") from None
+    try:
+        return model.to(torch.device(device)).eval()
+    except RuntimeError as e:
+        raise AnalysisError(f"cannot use device {device!r}: {e}") from None
+
+
+def out_dir(path: str | Path) -> Path:
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Call ``main(argv)``; user errors print ``error: ...`` and exit 2, without a traceback."""
+    try:
+        code = main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -1,0 +1,145 @@
+"""Pieces every analysis shares: turning prompts and answers into checked token ids,
+checking layer and head indices, metrics, and batches of tokens from a data split.
+
+Errors a user can cause raise ``AnalysisError`` (a ``ValueError``) with a message that
+names the problem and the fix; the scripts print it as ``error: ...``.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hooked_gpt2 import EOT_TOKEN
+
+Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
+
+# llm.c token shards, as written by data_prep: a 256-int32 header, then uint16 tokens.
+SHARD_MAGIC, SHARD_HEADER_INT32 = 20240520, 256
+
+
+class AnalysisError(ValueError):
+    """A request an analysis cannot answer (empty prompt, unknown layer, ...)."""
+
+
+def prompt_tokens(model, prompt: str, prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
+    """A prompt as ``[1 pos]`` token ids, refusing an empty prompt."""
+    if not prompt or not prompt.strip():
+        raise AnalysisError("the prompt is empty: pass some text, e.g. --prompt 'The cat sat on the mat'")
+    tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise AnalysisError(
+            f"the prompt is {tokens.shape[1]} tokens, longer than the model's context of {model.cfg.n_ctx}"
+        )
+    return tokens
+
+
+def single_token(model, answer: str | int) -> int:
+    """The id of a one-token answer (a string such as ``" Paris"`` or an id)."""
+    if isinstance(answer, int):
+        ids = [answer]
+    else:
+        if not answer:
+            raise AnalysisError("the answer is empty: give a single-token string such as ' Paris'")
+        ids = model.tokenizer.encode_ordinary(answer)
+    if len(ids) != 1:
+        raise AnalysisError(
+            f"the answer {answer!r} is {len(ids)} tokens, not one; choose a single-token answer "
+            "(most common words need a leading space, e.g. ' Paris')"
+        )
+    if not 0 <= ids[0] < model.cfg.d_vocab:
+        raise AnalysisError(f"answer token id {ids[0]} is outside the model's vocabulary of {model.cfg.d_vocab}")
+    return ids[0]
+
+
+def check_layer(model, layer: int) -> int:
+    n = model.cfg.n_layers
+    if not isinstance(layer, int) or not -n <= layer < n:
+        raise AnalysisError(f"unknown layer {layer}: this model has layers 0..{n - 1}")
+    return layer % n
+
+
+def check_head(model, layer: int, head: int) -> tuple[int, int]:
+    layer = check_layer(model, layer)
+    n = model.cfg.n_heads
+    if not isinstance(head, int) or not -n <= head < n:
+        raise AnalysisError(f"unknown head {head} in layer {layer}: this model has heads 0..{n - 1}")
+    return layer, head % n
+
+
+def parse_heads(model, text: str) -> list[tuple[int, int]]:
+    """``"0.1,1.3"`` or ``"L0H1,L1H3"`` to checked (layer, head) pairs."""
+    heads = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        cleaned = item.upper().replace("L", "").replace("H", ".")
+        try:
+            layer, head = (int(x) for x in cleaned.split("."))
+        except ValueError:
+            raise AnalysisError(f"cannot read head {item!r}: write heads as LAYER.HEAD, e.g. 0.1,1.3") from None
+        heads.append(check_head(model, layer, head))
+    return heads
+
+
+def parse_layers(model, text: str | None) -> list[int]:
+    """``"0,2"`` to checked layer indices; None or "all" means every layer."""
+    if text is None or text.strip() == "all":
+        return list(range(model.cfg.n_layers))
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise AnalysisError(f"cannot read layers {text!r}: write them as 0,1,2 or 'all'") from None
+    return [check_layer(model, layer) for layer in layers]
+
+
+def bos_token(model) -> int:
+    """GPT-2's <|endoftext|>, or the last id for a model with a small synthetic vocabulary."""
+    return EOT_TOKEN if model.cfg.d_vocab > EOT_TOKEN else model.cfg.d_vocab - 1
+
+
+# Metrics: functions of the logits returning a scalar.
+def mean_loss(tokens: Int[Tensor, "batch pos"]) -> Metric:
+    """Mean next-token cross-entropy of ``tokens``, as a metric on logits."""
+
+    def metric(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
+
+    return metric
+
+
+def logit_diff(answer: int, wrong: int | None = None, pos: int = -1) -> Metric:
+    """Logit of ``answer`` minus that of ``wrong`` at position ``pos``, averaged over the batch.
+
+    >>> metric = logit_diff(answer=1, wrong=2)
+    >>> float(metric(torch.tensor([[[0.0, 3.0, 1.0]]])))
+    2.0
+    """
+
+    def metric(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
+        value = logits[:, pos, answer]
+        if wrong is not None:
+            value = value - logits[:, pos, wrong]
+        return value.mean()
+
+    return metric
+
+
+def load_split_batch(
+    data_dir: str | Path, split: str = "val", batch: int = 8, seq_len: int = 128, seed: int = 0
+) -> Int[Tensor, "batch pos"]:
+    """``batch`` random windows of ``seq_len`` tokens from ``{split}_*.bin`` shards in
+    ``data_dir`` (data_prep's llm.c layout)."""
+    shards = sorted(Path(data_dir).glob(f"{split}_*.bin"))
+    if not shards:
+        raise AnalysisError(f"no {split}_*.bin token shards in {data_dir}: point --data at a data_prep output directory")
+    raw = np.fromfile(shards[0], dtype="<i4", count=SHARD_HEADER_INT32)
+    if len(raw) < SHARD_HEADER_INT32 or raw[0] != SHARD_MAGIC:
+        raise AnalysisError(f"{shards[0]} is not a token shard (bad header)")
+    data = np.memmap(shards[0], dtype="<u2", mode="r", offset=SHARD_HEADER_INT32 * 4, shape=(int(raw[2]),))
+    if len(data) < seq_len + 1:
+        raise AnalysisError(f"{shards[0]} holds {len(data)} tokens, fewer than --seq-len {seq_len}")
+    starts = np.random.default_rng(seed).integers(0, len(data) - seq_len, size=batch)
+    return torch.from_numpy(np.stack([data[s : s + seq_len].astype(np.int64) for s in starts]))

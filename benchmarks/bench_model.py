@@ -1,0 +1,186 @@
+"""HookedGPT2's costs against references measured in the same run.
+
+1. Idle hooks: forward+backward of HookedGPT2 with no hooks attached against a hook-free
+   reference written here (same maths, SDPA attention). Target: ratio <= 1.03.
+2. Inference without hooks against transformers' GPT2LMHeadModel on the same weights
+   (8 layers, d_model 512, 4 x 256 tokens, fp32). Target: ours at least as fast.
+3. run_with_cache of every hook against our own plain forward. Target: <= 1.3x; peak
+   memory reported against the bytes actually cached.
+4. Greedy generation of 256 tokens with the KV cache against transformers' generate
+   (target >= 1.5x tokens/s) and against recomputing the whole prefix (target >= 5x).
+
+Run: python benchmarks/bench_model.py [--repeats N] [--threads N]
+"""
+
+import argparse
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import interleaved_medians, reset_peak_rss, rss_kib  # noqa: E402
+from hooked_gpt2 import GPT2Config, HookedGPT2  # noqa: E402
+
+
+class RefBlock(nn.Module):
+    """nanoGPT-style block with the same parameter names as HookedGPT2's, and no hooks."""
+
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
+        self.attn.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.mlp.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.attn.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn.out(z.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp.fc_out(F.gelu(self.mlp.fc_in(self.ln2(x)), approximate="tanh"))
+
+
+class RefGPT2(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        self.blocks = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed.weight = self.embed.weight
+
+    def forward(self, tokens):
+        x = self.embed(tokens) + self.pos_embed(torch.arange(tokens.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(self.ln_final(x))
+
+
+def fwd_bwd(model, tokens):
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+
+    return step
+
+
+def measure_cache_memory(cfg: GPT2Config, model: HookedGPT2, tokens: torch.Tensor) -> tuple[int, int]:
+    """Peak resident-memory growth of one run_with_cache in a fresh process, and the bytes
+    it keeps (activations and logits). A fresh process, because a warm allocator reuses
+    freed pages and would hide the growth."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        torch.save(tokens, f"{tmp}/tokens.pt")
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-probe", tmp], capture_output=True, text=True, check=True
+        ).stdout.split()
+    return int(out[-2]), int(out[-1])
+
+
+def memory_probe(checkpoint: str) -> None:
+    torch.set_num_threads(1)
+    model = HookedGPT2.from_pretrained(checkpoint)
+    tokens = torch.load(f"{checkpoint}/tokens.pt", weights_only=True)
+    with torch.inference_mode():
+        model(tokens[:, :8])  # warm up kernels and the allocator's first pages
+    reset_peak_rss()
+    base = rss_kib()
+    logits, cache = model.run_with_cache(tokens)
+    peak = (rss_kib("VmHWM") - base) * 1024
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in cache.values()}
+    print(peak, sum(storages.values()) + logits.numel() * logits.element_size())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median taken)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--memory-probe", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        return memory_probe(args.memory_probe)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layers=8, d_model=512, n_heads=8, n_ctx=512)
+    model = HookedGPT2(cfg)
+    tokens = torch.randint(0, cfg.d_vocab, (4, 257))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {cfg.n_layers} layers, "
+          f"d_model {cfg.d_model}, {model.n_params() / 1e6:.1f}M params; batch 4 x 256 tokens, fp32 CPU\n")
+
+    # 1. Idle hooks, training step.
+    ref = RefGPT2(cfg)
+    ref.load_state_dict(model.state_dict())
+    model.train(), ref.train()
+    t = interleaved_medians({"ours": fwd_bwd(model, tokens), "ref": fwd_bwd(ref, tokens)}, args.repeats)
+    print(f"1. forward+backward, no hooks: HookedGPT2 {t['ours'] * 1e3:.0f} ms, hook-free reference "
+          f"{t['ref'] * 1e3:.0f} ms, ratio {t['ours'] / t['ref']:.3f} (target <= 1.03)")
+
+    # 2. Inference against transformers.
+    model.eval()
+    save_dir = Path(__import__("tempfile").mkdtemp())
+    model.save_hf(save_dir)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(save_dir).eval()
+    x = tokens[:, :256]
+    with torch.inference_mode():
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
+        t = interleaved_medians({"ours": lambda: model(x), "hf": lambda: hf(x).logits}, args.repeats)
+    print(f"2. inference, no hooks: HookedGPT2 {t['ours'] * 1e3:.0f} ms, transformers {t['hf'] * 1e3:.0f} ms, "
+          f"speed ratio {t['hf'] / t['ours']:.3f}x (target >= 1.0)")
+
+    # 3. run_with_cache of every hook against the plain forward.
+    with torch.inference_mode():
+        t = interleaved_medians(
+            {"plain": lambda: model(x), "cache": lambda: model.run_with_cache(x)}, args.repeats
+        )
+    peak, cached = measure_cache_memory(cfg, model, x)
+    print(f"3. run_with_cache (all {len(model.hook_names())} hooks): {t['cache'] * 1e3:.0f} ms against plain "
+          f"forward {t['plain'] * 1e3:.0f} ms, ratio {t['cache'] / t['plain']:.3f} (target <= 1.3)\n"
+          f"   memory (fresh process): peak RSS growth {peak / 2**20:.0f} MiB for {cached / 2**20:.0f} MiB of "
+          f"cached activations and logits ({peak / cached:.2f}x)")
+
+    # 4. Greedy generation of 256 new tokens, batch 1.
+    prompt = tokens[:1, :16]
+    new = 256
+    with torch.inference_mode():
+        ours = model.generate(prompt, new, temperature=0)
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        assert torch.equal(ours, theirs), "greedy generations differ"
+        t = interleaved_medians(
+            {
+                "kv": lambda: model.generate(prompt, new, temperature=0),
+                "hf": lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                          do_sample=False, eos_token_id=None, pad_token_id=0),
+            },
+            max(1, math.ceil(args.repeats / 2)),
+        )
+        # Recomputing is quadratic in length: one run is enough to see the gap.
+        t |= interleaved_medians(
+            {"recompute": lambda: model.generate(prompt, new, temperature=0, use_kv_cache=False)}, 1, warmup=0
+        )
+    rate = {k: new / v for k, v in t.items()}
+    print(f"4. greedy generation, {new} tokens: KV cache {rate['kv']:.0f} tok/s, transformers generate "
+          f"{rate['hf']:.0f} tok/s ({rate['kv'] / rate['hf']:.2f}x, target >= 1.5x), recomputing the prefix "
+          f"{rate['recompute']:.0f} tok/s ({rate['kv'] / rate['recompute']:.1f}x, target >= 5x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Autoregressive generation with a key/value cache.
+
+The cache holds each layer's keys and values for the tokens seen so far, so each new
+token costs one position's forward pass instead of the whole prefix's.
+"""
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .tokenizer import EOT_TOKEN
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to ``max_len`` positions.
+
+    Stored as [layer batch head_index pos d_head], the layout attention reads.
+    """
+
+    def __init__(self, cfg, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_head)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions already stored; the model advances it after each forward
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's keys and values; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def sample_next(
+    logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: int | None, top_p: float | None,
+    generator: torch.Generator | None,
+) -> Int[Tensor, "batch"]:
+    """One token per row: greedy at temperature 0, else sampled after top-k / top-p filtering."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+    stop_at_eos: bool = False, use_kv_cache: bool = True,
+) -> Int[Tensor, "batch new_pos"]:
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    n_ctx = model.cfg.n_ctx
+    if tokens.shape[1] + max_new_tokens > n_ctx:
+        raise ValueError(
+            f"a prompt of {tokens.shape[1]} tokens plus {max_new_tokens} new tokens exceeds the "
+            f"context of {n_ctx}; ask for at most {max(n_ctx - tokens.shape[1], 0)} new tokens"
+        )
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=tokens.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        kv_cache = None
+        if use_kv_cache:
+            kv_cache = KVCache(
+                model.cfg, tokens.shape[0], tokens.shape[1] + max_new_tokens, tokens.device, model.W_E.dtype
+            )
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        out = tokens
+        step_input = tokens
+        for _ in range(max_new_tokens):
+            logits = model(step_input if use_kv_cache else out, kv_cache=kv_cache)[:, -1]
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)
+            if stop_at_eos:
+                next_token = next_token.masked_fill(finished, EOT_TOKEN)
+                finished |= next_token == EOT_TOKEN
+            out = torch.cat([out, next_token[:, None]], dim=1)
+            step_input = next_token[:, None]
+            if stop_at_eos and bool(finished.all()):
+                break
+        return out
+    finally:
+        model.train(was_training)

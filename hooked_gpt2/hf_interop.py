@@ -1,0 +1,222 @@
+"""Import and export Hugging Face GPT-2 checkpoints (``GPT2LMHeadModel``).
+
+Hugging Face stores projections as Conv1D, ``[in, out]``; we use ``nn.Linear``,
+``[out, in]``, so every matrix is transposed on the way in and out. Both fuse Q, K, V in
+the same (q|k|v, head, d_head) order. Exports load with plain
+``GPT2LMHeadModel.from_pretrained(dir)``; variants GPT-2 lacks are written as exact
+equivalents (a missing QKV bias as zeros, an attention-only model's MLPs as zero maps)
+and recorded under ``"hooked_gpt2"`` in config.json so that ``from_hf`` restores them.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointError, atomic_write_text, load_state_into, load_weights
+from .config import ConfigError, GPT2Config
+from .tokenizer import D_VOCAB, EOT_TEXT, EOT_TOKEN, hf_vocab_and_merges
+
+ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints
+
+# (our name, Hugging Face name, transpose?) for block i.
+BLOCK_MAP = [
+    ("ln1.weight", "ln_1.weight", False),
+    ("ln1.bias", "ln_1.bias", False),
+    ("attn.qkv.weight", "attn.c_attn.weight", True),
+    ("attn.qkv.bias", "attn.c_attn.bias", False),
+    ("attn.out.weight", "attn.c_proj.weight", True),
+    ("attn.out.bias", "attn.c_proj.bias", False),
+    ("ln2.weight", "ln_2.weight", False),
+    ("ln2.bias", "ln_2.bias", False),
+    ("mlp.fc_in.weight", "mlp.c_fc.weight", True),
+    ("mlp.fc_in.bias", "mlp.c_fc.bias", False),
+    ("mlp.fc_out.weight", "mlp.c_proj.weight", True),
+    ("mlp.fc_out.bias", "mlp.c_proj.bias", False),
+]
+TOP_MAP = [
+    ("embed.weight", "wte.weight"),
+    ("pos_embed.weight", "wpe.weight"),
+    ("ln_final.weight", "ln_f.weight"),
+    ("ln_final.bias", "ln_f.bias"),
+]
+
+
+def config_from_hf(hf: dict, source) -> GPT2Config:
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"{source} is a {hf.get('model_type')!r} model, not GPT-2")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if hf.get(flag):
+            raise CheckpointError(f"{source} sets {flag}, a GPT-2 variant HookedGPT2 does not implement")
+    if hf.get("scale_attn_weights", True) is False:
+        raise CheckpointError(f"{source} sets scale_attn_weights=false, which HookedGPT2 does not implement")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS:
+        raise CheckpointError(f"{source} uses activation {activation!r}; HookedGPT2 supports {sorted(ACTIVATIONS)}")
+    extras = hf.get("hooked_gpt2", {})
+    n_embd = hf.get("n_embd", 768)
+    try:
+        return GPT2Config(
+            n_layers=hf.get("n_layer", 12),
+            d_model=n_embd,
+            n_heads=hf.get("n_head", 12),
+            d_mlp=extras.get("d_mlp", hf.get("n_inner") or 4 * n_embd),
+            n_ctx=hf.get("n_positions", 1024),
+            d_vocab=hf.get("vocab_size", D_VOCAB),
+            act_fn=ACTIVATIONS[activation],
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            dropout=hf.get("resid_pdrop", 0.1),
+            qkv_bias=extras.get("qkv_bias", True),
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            attn_only=extras.get("attn_only", False),
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[str, torch.Tensor]:
+    hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items() if not k.endswith(IGNORED_SUFFIXES)}
+    state = {}
+    for ours, theirs in TOP_MAP:
+        if theirs in hf_state:
+            state[ours] = hf_state[theirs]
+    for i in range(cfg.n_layers):
+        for ours, theirs, transpose in BLOCK_MAP:
+            ours, theirs = f"blocks.{i}.{ours}", f"h.{i}.{theirs}"
+            if cfg.attn_only and (".ln2." in ours or ".mlp." in ours):
+                continue
+            if ours.endswith("qkv.bias") and not cfg.qkv_bias:
+                continue
+            if theirs in hf_state:
+                tensor = hf_state[theirs]
+                state[ours] = tensor.T.contiguous() if transpose else tensor
+    if not cfg.tie_embeddings and "lm_head.weight" in hf_state:
+        state["unembed.weight"] = hf_state["lm_head.weight"]
+    return state
+
+
+def from_hf(cls, dir_or_model, device=None, dtype=None):
+    if isinstance(dir_or_model, (str, Path)):
+        path = Path(dir_or_model)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file} is missing: {path} is not a Hugging Face model directory")
+        try:
+            hf_config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+        cfg = config_from_hf(hf_config, path)
+        hf_state, source = read_hf_weights(path), path
+    else:
+        source = type(dir_or_model).__name__
+        cfg = config_from_hf(dir_or_model.config.to_dict(), source)
+        hf_state = dir_or_model.state_dict()
+    model = cls(cfg)
+    load_state_into(model, state_from_hf(hf_state, cfg), source)
+    if cfg.tie_embeddings:
+        model.unembed.weight = model.embed.weight
+    model.eval()
+    return model.to(device=device, dtype=dtype)
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` (single or sharded), else ``pytorch_model.bin`` loaded with
+    ``weights_only=True`` so that no pickled code runs."""
+    if (path / "model.safetensors").is_file():
+        return load_weights(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_weights(path / shard))
+        return state
+    if (path / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path / 'pytorch_model.bin'} could not be read safely ({e})") from None
+    raise CheckpointError(f"{path} holds no model.safetensors or pytorch_model.bin")
+
+
+def hf_config_dict(cfg: GPT2Config) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": cfg.act_fn,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": 1 if cfg.attn_only else cfg.d_mlp,
+        "n_positions": cfg.n_ctx,
+        "vocab_size": cfg.d_vocab,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+        "initializer_range": cfg.init_std,
+        "hooked_gpt2": {"qkv_bias": cfg.qkv_bias, "attn_only": cfg.attn_only, "d_mlp": cfg.d_mlp},
+    }
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    cfg = model.cfg
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    out = {f"transformer.{theirs}": ours[mine] for mine, theirs in TOP_MAP}
+    for i in range(cfg.n_layers):
+        for mine, theirs, transpose in BLOCK_MAP:
+            mine, theirs = f"blocks.{i}.{mine}", f"transformer.h.{i}.{theirs}"
+            if mine in ours:
+                out[theirs] = ours[mine].T if transpose else ours[mine]
+        # Exact stand-ins for parts GPT-2 always has: zero QKV bias, and for an
+        # attention-only model an MLP that adds zero (gelu(0) = 0, zero output weights).
+        zeros = ours[f"blocks.{i}.attn.out.bias"].new_zeros
+        if not cfg.qkv_bias:
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = zeros(3 * cfg.n_heads * cfg.d_head)
+        if cfg.attn_only:
+            out[f"transformer.h.{i}.ln_2.weight"] = zeros(cfg.d_model) + 1
+            out[f"transformer.h.{i}.ln_2.bias"] = zeros(cfg.d_model)
+            out[f"transformer.h.{i}.mlp.c_fc.weight"] = zeros(cfg.d_model, 1)
+            out[f"transformer.h.{i}.mlp.c_fc.bias"] = zeros(1)
+            out[f"transformer.h.{i}.mlp.c_proj.weight"] = zeros(1, cfg.d_model)
+            out[f"transformer.h.{i}.mlp.c_proj.bias"] = zeros(cfg.d_model)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = ours["unembed.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_hf(model, path) -> Path:
+    cfg = model.cfg
+    if cfg.n_heads * cfg.d_head != cfg.d_model:
+        raise ConfigError(
+            f"Hugging Face GPT-2 needs n_heads * d_head == d_model, got {cfg.n_heads} * {cfg.d_head} != {cfg.d_model}"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = path / "model.safetensors"
+    tmp = weights.with_name(".model.safetensors.tmp")
+    save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
+    tmp.replace(weights)
+    atomic_write_text(path / "config.json", json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
+    atomic_write_text(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    if cfg.d_vocab == D_VOCAB:
+        write_hf_tokenizer(path, cfg.n_ctx)
+    return path
+
+
+def write_hf_tokenizer(path: Path, n_ctx: int) -> None:
+    """GPT-2's tokenizer files (vocab.json, merges.txt), rebuilt from the shipped ranks."""
+    vocab, merges = hf_vocab_and_merges()
+    atomic_write_text(path / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(path / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": n_ctx, "add_prefix_space": False, **special}
+    atomic_write_text(path / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+    atomic_write_text(path / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")

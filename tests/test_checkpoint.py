@@ -1,0 +1,95 @@
+"""save_pretrained / from_pretrained: bitwise round trips and clear errors on bad files."""
+
+import json
+
+import pytest
+import torch
+
+from hooked_gpt2 import CheckpointError, GPT2Config, HookedGPT2
+
+
+@pytest.fixture(params=[dict(), dict(tie_embeddings=False, qkv_bias=False), dict(attn_only=True)],
+                ids=["tied", "untied-no-bias", "attn-only"])
+def model(request):
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_vocab=101, **request.param)
+    return HookedGPT2(cfg)
+
+
+def test_round_trip_is_bitwise(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = HookedGPT2.from_pretrained(tmp_path)
+    assert loaded.cfg == model.cfg
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for name in original:
+        assert torch.equal(original[name], restored[name]), name
+    assert (loaded.unembed.weight is loaded.embed.weight) == model.cfg.tie_embeddings
+    tokens = torch.randint(0, 101, (2, 16))
+    model.eval()
+    assert torch.equal(model(tokens), loaded(tokens))
+
+
+def test_no_temporary_files_left(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_missing_directory_and_files(model, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        HookedGPT2.from_pretrained(tmp_path / "nope")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        HookedGPT2.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        HookedGPT2.from_pretrained(tmp_path)
+
+
+def test_truncated_and_corrupt_weights(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        HookedGPT2.from_pretrained(tmp_path)
+    weights.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt or truncated"):
+        HookedGPT2.from_pretrained(tmp_path)
+
+
+def test_corrupt_config(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        HookedGPT2.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"n_layers": 2}))
+    with pytest.raises(CheckpointError, match="not a hooked-gpt2 config"):
+        HookedGPT2.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "hooked-gpt2", "n_layers": -1}))
+    with pytest.raises(CheckpointError, match="n_layers must be a positive integer"):
+        HookedGPT2.from_pretrained(tmp_path)
+
+
+def test_mismatched_config(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["d_model"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not match its config.*shape mismatches"):
+        HookedGPT2.from_pretrained(tmp_path)
+    config["d_model"], config["n_layers"] = 32, 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        HookedGPT2.from_pretrained(tmp_path)
+
+
+def test_pickle_is_never_loaded(model, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("from_pretrained must not unpickle")
+
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr("pickle.load", refuse)
+    HookedGPT2.from_pretrained(tmp_path)
