@@ -26,7 +26,7 @@ from hooked_gpt2 import GPT2Config, HookedGPT2  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.distributed import Dist  # noqa: E402
 from training.mfu import flops_per_token, measure_matmul_peak  # noqa: E402
-from training.train import make_autocast, make_optimizer, train_step  # noqa: E402
+from training.train import keep_freed_memory, make_autocast, make_optimizer, train_step  # noqa: E402
 
 
 # The reference: GPT-2 as plainly as it can be written, with HookedGPT2's parameter names
@@ -134,6 +134,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as training.train does on the CPU
     mcfg = GPT2Config.preset(args.preset)
     print(f"bench_train: {args.preset} ({mcfg.n_params() / 1e6:.2f}M params), batch {args.batch_size}x{mcfg.n_ctx}, "
           f"{args.steps} timed steps per model, {torch.get_num_threads()} threads, torch {torch.__version__}")
