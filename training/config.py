@@ -52,7 +52,7 @@ class TrainConfig:
         "default one micro-batch per process (no accumulation)",
         default=None,
     )
-    max_steps: int | None = _help("optimizer steps to train for (or give --max-tokens)", default=400)
+    max_steps: int | None = _help("optimizer steps to train for (or give --max-tokens)", default=500)
     max_tokens: int | None = _help("token budget; sets max_steps = max_tokens // global_batch_tokens", default=None)
     # Optimizer and schedule.
     lr: float = _help("peak learning rate", default=3e-3)
@@ -80,7 +80,7 @@ class TrainConfig:
     sample_prompts: list = _help(
         "prompts for the sampled generations", default_factory=lambda: ["def ", "import os\n"]
     )
-    ckpt_every: int = _help("steps between checkpoints after the log-spaced ones", default=25)
+    ckpt_every: int = _help("steps between checkpoints after the log-spaced ones", default=50)
     ckpt_log_spaced: bool = _help("also checkpoint at steps 1, 2, 4, 8, ... below --ckpt-every", default=True)
     keep_resume: int = _help("keep optimizer/data/RNG resume state in this many latest checkpoints", default=1)
     progress: bool = _help("show a progress bar", default=True)

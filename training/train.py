@@ -55,6 +55,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> Path:
     d = distributed.setup(cfg.device, cfg.ddp_timeout_s)
     if d.device.type == "cpu":
         keep_freed_memory()
+    else:  # TF32 matmuls for fp32 work on Ampere and later (the CPU keeps exact fp32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         return _train(cfg, d, stop_after)
     finally:
