@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from training import checkpointing
 from training.config import TrainConfig
 from training.train import main, train

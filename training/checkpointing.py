@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from hooked_gpt2 import CheckpointError, HookedGPT2
-from hooked_gpt2.checkpoint import atomic_write_text  # noqa: F401  (re-exported for train.py)
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 

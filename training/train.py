@@ -14,16 +14,15 @@ import math
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from data_prep.reader import BatchLoader, ShardError, TokenDataset
 from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError, HookedGPT2
+from hooked_gpt2.checkpoint import atomic_write_text
 
 from . import checkpointing, distributed
 from .config import DEFAULT_DATA, TrainConfig, config_from_args, default_out
@@ -286,17 +285,16 @@ def write_config(cfg: TrainConfig, d: distributed.Dist, accum: int, mcfg) -> Non
         "torch": torch.__version__,
     }
     text = json.dumps({**cfg.to_dict(), "derived": derived}, indent=2) + "\n"
-    checkpointing.atomic_write_text(Path(cfg.out) / "config.json", text)
+    atomic_write_text(Path(cfg.out) / "config.json", text)
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics rows past the resumed step (written before a crash, about to be redone)."""
-    path = run_dir / "metrics.jsonl"
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = run_dir / name
         if path.is_file():
             rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-            checkpointing.atomic_write_text(path, "".join(r + "\n" for r in rows))
+            atomic_write_text(path, "".join(r + "\n" for r in rows))
 
 
 class StopSignal:
