@@ -73,3 +73,37 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(shakespeare_data
     ref = train(TrainConfig.from_dict({**saved.to_dict(), "out": str(tmp_path / "ref"), "max_steps": step + 2}))
     losses = lambda run: [r["train_loss"] for r in rows(run)]  # noqa: E731
     assert losses(out) == losses(ref)
+
+
+def test_a_dead_rank_brings_the_run_down_instead_of_hanging(shakespeare_data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training.train", *ARGS, "--data", str(shakespeare_data), "--batch-size", "2",
+           "--max-steps", "10000", "--ddp-timeout-s", "30", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(rows(out)) >= 3):
+            time.sleep(0.2)
+        rank1 = [pid for pid in worker_pids(proc.pid) if "RANK=1" in environ(pid)]
+        assert rank1, "found no rank-1 worker"
+        os.kill(rank1[0], signal.SIGKILL)
+        start = time.time()
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0 and time.time() - start < 90
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def worker_pids(parent: int) -> list[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def environ(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
