@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from data_prep.encode import encode_documents
 from data_prep.shards import (
-    HEADER_INT32, MAGIC, MAX_SHARD_TOKENS, VERSION, ShardWriter, remove_shards_except,
-    remove_temporaries, shard_size,
+    HEADER_INT32, MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, ShardWriter, atomic_write,
+    remove_shards_except, remove_temporaries, shard_size,
 )
 from data_prep.sources import TXT_DOCS, DataPrepError, Source, TextOptions, resolve_source
 from data_prep.summary import format_summary
@@ -40,7 +40,6 @@ __all__ = ["prepare", "ensure_default_data", "DataPrepError", "main"]
 DEFAULT_VAL_TOKENS = 100_000  # about 2% of the python-stdlib corpus
 DEFAULT_VAL_EVERY = 50  # spreads the python-stdlib validation documents over the whole library
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shard size: 200 MB files
-MANIFEST = "manifest.json"
 FORMAT = "hooked-gpt2 token shards"
 
 
@@ -104,7 +103,7 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
         # Finished shards stay (a re-run reuses them); half-written ones never do.
         remove_temporaries(out)
     remove_shards_except(out, {s["file"] for split in manifest["splits"].values() for s in split["shards"]})
-    write_json_atomic(out / MANIFEST, manifest)
+    atomic_write(out / MANIFEST, [json.dumps(manifest, indent=2).encode() + b"\n"])
     log(format_summary(manifest, time.perf_counter() - start))
     return out
 
@@ -256,16 +255,6 @@ def discard_output(out: Path, created: bool) -> None:
     remove_temporaries(out)
     if created and not any(out.iterdir()):
         shutil.rmtree(out)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.shards import HEADER_BYTES, TOKEN_DTYPE, file_sha256, read_header, shard_size
+from data_prep.shards import HEADER_BYTES, MANIFEST, TOKEN_DTYPE, file_sha256, read_header, shard_size
 from hooked_gpt2.tokenizer import tokenizer_sha256
 
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 

@@ -22,6 +22,7 @@ TOKEN_DTYPE = np.dtype("<u2")
 # The token count lives in an int32 header field.
 MAX_SHARD_TOKENS = 2**31 - 1
 SHARD_NAME = re.compile(r"^(train|val)_(\d{6})\.bin$")
+MANIFEST = "manifest.json"  # written last: its presence marks the output complete
 TMP_SUFFIX = ".tmp"
 # Test-only: seconds to sleep between writing a shard's temporary file and renaming it,
 # so a test can kill the process at the worst moment. Never set it otherwise.
@@ -80,22 +81,28 @@ def write_shard(path: Path, tokens: np.ndarray) -> str:
     sha = digest.hexdigest()
     if path.exists() and path.stat().st_size == shard_size(len(tokens)) and file_sha256(path) == sha:
         return sha
+    atomic_write(path, [header.tobytes(), memoryview(tokens).cast("B")])
+    return sha
+
+
+def atomic_write(path: Path, parts: list) -> None:
+    """Write ``parts`` (bytes-like) to ``path.tmp``, flush it to disk, then rename it to
+    ``path``: under its final name a file is always whole, whenever the process dies."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(memoryview(tokens).cast("B"))
+        for part in parts:
+            f.write(part)
         f.flush()
         os.fsync(f.fileno())
     if os.environ.get(_DELAY_ENV):
         time.sleep(float(os.environ[_DELAY_ENV]))
     os.replace(tmp, path)
-    return sha
 
 
 def remove_temporaries(out_dir: Path) -> None:
-    """Delete half-written shards that an interrupted run left behind."""
-    for path in out_dir.glob(f"*.bin{TMP_SUFFIX}"):
-        path.unlink()
+    """Delete half-written shards (and manifest) that an interrupted run left behind."""
+    for path in [*out_dir.glob(f"*.bin{TMP_SUFFIX}"), out_dir / (MANIFEST + TMP_SUFFIX)]:
+        path.unlink(missing_ok=True)
 
 
 def remove_shards_except(out_dir: Path, keep: set[str]) -> list[str]:

@@ -200,7 +200,8 @@ def test_one_and_two_workers_give_identical_bytes(reference, tmp_path):
     assert all_files(out) == all_files(reference)
 
 
-def test_killed_run_leaves_no_false_shard_and_rerun_completes_identically(reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_leaves_no_false_shard_and_rerun_completes_identically(reference, tmp_path, sig):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_prep.prepare", "--source", "python-stdlib", "--out", str(out),
            "--max-tokens", "150000", "--val-tokens", "20000", "--shard-tokens", "20000", "--workers", "2"]
@@ -211,9 +212,12 @@ def test_killed_run_leaves_no_false_shard_and_rerun_completes_identically(refere
     while not (list(out.glob("*.bin.tmp")) and len(list(out.glob("*.bin"))) >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
     assert not (out / "manifest.json").exists()
+    if sig == signal.SIGINT:  # Ctrl-C: a clean stop that says how to finish, half-written shard removed
+        assert proc.returncode == 130 and "re-run" in proc.stderr.read().decode()
+        assert not list(out.glob("*.tmp"))
     for shard in out.glob("*.bin"):  # every shard under its final name is complete
         assert file_sha256(shard) == file_sha256(reference / shard.name)
     with pytest.raises(ShardError, match="manifest.json"):
