@@ -257,7 +257,8 @@ def prepare_run_dir(cfg: TrainConfig, d: distributed.Dist) -> None:
     exists = run_dir.is_dir() and any(p.is_file() for p in run_dir.rglob("*"))  # empty folders do not count
     if cfg.resume:
         if not (run_dir / "config.json").is_file():
-            raise TrainingError(f"nothing to resume: {run_dir} holds no run (no config.json)")
+            raise TrainingError(f"nothing to resume: {run_dir} holds no run (no config.json); "
+                                "give the run's directory with --out")
         saved = json.loads((run_dir / "config.json").read_text())
         saved.pop("derived", None)
         mine = cfg.to_dict()
