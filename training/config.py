@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_argument_group("model overrides (GPT2Config fields; the study's interventions among them)")
     for f in dataclasses.fields(GPT2Config):
         kind = {"dropout": {"type": _off_or(float, 0.0)}}.get(f.name) or _arg_type(f)
+        if "type" in kind:
+            kind["metavar"] = f.name.upper()
         group.add_argument("--" + f.name.replace("_", "-"), dest="model." + f.name, help=MODEL_HELP[f.name], **kind)
     return p
 
