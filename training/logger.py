@@ -3,6 +3,7 @@
 Only rank 0 writes; on the other ranks every method is a no-op.
 """
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ class Logger:
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not (self.on and cfg.progress),
                         unit="step", dynamic_ncols=True)
         self.last_time, self.last_step = time.perf_counter(), start_step
+        self.paused_s = 0.0  # evaluation and checkpoint time, left out of tokens/s
         self.pending_val = None
         self.tb = None
         if self.on and cfg.tensorboard:
@@ -58,8 +60,9 @@ class Logger:
         if step % self.cfg.log_every and val_loss is None and step != self.bar.total:
             return
         now = time.perf_counter()
-        tokens_per_s = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, step
+        elapsed = max(now - self.last_time - self.paused_s, 1e-9)
+        tokens_per_s = (step - self.last_step) * self.tokens_per_step / elapsed
+        self.last_time, self.last_step, self.paused_s = now, step, 0.0
         mfu = tokens_per_s * self.flops_per_token / self.peak if self.peak else None
         row = dict(zip(METRIC_KEYS, (step, tokens_seen, train_loss, val_loss, lr, grad_norm, tokens_per_s, mfu)))
         self.write_row("metrics.jsonl", row)
@@ -71,6 +74,15 @@ class Logger:
             for key, value in row.items():
                 if key not in ("step", "tokens_seen") and value is not None:
                     self.tb.add_scalar(key, value, step)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside is not training time (evaluation, sampling, checkpoints)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
 
     def eval_row(self, step: int, val_loss: float) -> None:
         """Step 0's row: the initial model's validation loss."""

@@ -104,11 +104,13 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
                                     f"is {checkpointing.latest_resumable(run_dir)}; lower --lr or keep --grad-clip on")
             val_loss = None
             if step % cfg.eval_every == 0 or step == max_steps:
-                val_loss = eval_and_sample(model, val_batches, cfg, d, log, autocast, step, final=step == max_steps)
+                with log.paused():
+                    val_loss = eval_and_sample(model, val_batches, cfg, d, log, autocast, step, step == max_steps)
             log.step(step, step * cfg.global_batch_tokens, loss, val_loss, lr, grad_norm)
             interrupted = distributed.any_rank(d, stop.requested or step == stop_after)
             if step in ckpt_steps or interrupted:
-                save(run_dir, model, optimizer, scaler, loader, d, cfg, step, loss, val_loss)
+                with log.paused():
+                    save(run_dir, model, optimizer, scaler, loader, d, cfg, step, loss, val_loss)
             if interrupted:
                 log.message(f"stopped at step {step}: resumable checkpoint saved; continue with "
                             f"python -m training.train --out {run_dir} --resume")
