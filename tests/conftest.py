@@ -1,11 +1,17 @@
-"""Shared fixtures for the analyses tests: a tiny random GPT-2 (with GPT-2's vocabulary,
-so prompts tokenize) saved as a checkpoint, and the planted induction model."""
+"""Shared test fixtures. Keep each fixture small and clearly named: several branches add here.
+
+Analyses: a tiny random GPT-2 (with GPT-2's vocabulary, so prompts tokenize) saved as a
+checkpoint, and the planted induction model. Training: tiny-shakespeare prepared once."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from hooked_gpt2 import GPT2Config, HookedGPT2
 from tests.planted import build_planted_induction_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +34,22 @@ def tiny_checkpoint(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def planted():
     return build_planted_induction_model()
+
+
+def shakespeare_txt() -> Path:
+    """The shared tiny-shakespeare text: ``<repo>/../shared/data`` in CI, else /work/shared."""
+    for root in (REPO.parent / "shared", Path("/work/shared")):
+        path = root / "data" / "tinyshakespeare.txt"
+        if path.is_file():
+            return path
+    pytest.skip("tinyshakespeare.txt not found under ../shared/data or /work/shared/data")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_data(tmp_path_factory) -> Path:
+    """tiny-shakespeare prepared with data_prep (GPT-2 tokens, ~325k train / ~6k val)."""
+    from data_prep.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare"
+    return prepare(str(shakespeare_txt()), out, txt_docs="paragraph", val_tokens=20_000,
+                   progress=False, log=lambda *a: None)

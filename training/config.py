@@ -1,0 +1,273 @@
+"""TrainConfig: everything that describes a training run, as one JSON-serialisable dataclass.
+
+The command line, an optional TOML/JSON file and ``training.train.train(cfg)`` all meet
+here. ``RUN/config.json`` holds ``TrainConfig.to_dict()`` of the fully resolved config,
+so ``TrainConfig.from_dict(json.load(...))`` describes the run exactly.
+
+>>> cfg = TrainConfig(preset="tiny", model={"dropout": 0.0}, max_steps=10)
+>>> cfg.model_config().n_layers
+2
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hooked_gpt2 import ConfigError, GPT2Config
+from hooked_gpt2.config import PRESETS
+
+DEFAULT_DATA = "data/python-stdlib"
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """A training run. The defaults train the ``demo`` preset (see the README)."""
+
+    # What to train, on what, where.
+    preset: str = _help("model shape to start from: " + ", ".join(PRESETS), default="demo")
+    model: dict = _help("GPT2Config fields overriding the preset", default_factory=dict)
+    data: str | None = _help(
+        f"prepared token directory (data_prep); default {DEFAULT_DATA}, prepared on first use", default=None
+    )
+    out: str | None = _help("run directory; default runs/demo or runs/<preset>-<time>", default=None)
+    resume: bool = _help("continue the run in --out from its latest resumable checkpoint", default=False)
+    overwrite: bool = _help("delete an existing run directory at --out and start afresh", default=False)
+    seed: int = _help("seed for initialisation, dropout and sampling", default=1337)
+    # Batch: each optimizer step sees global_batch_tokens tokens, in micro-batches of
+    # batch_size sequences per process, accumulated as needed.
+    batch_size: int = _help("micro-batch size per process, in sequences", default=16)
+    seq_len: int | None = _help("tokens per training sequence; default the model's n_ctx", default=None)
+    global_batch_tokens: int | None = _help(
+        "tokens per optimizer step over all processes and accumulation steps; "
+        "default one micro-batch per process (no accumulation)",
+        default=None,
+    )
+    max_steps: int | None = _help("optimizer steps to train for (or give --max-tokens)", default=1200)
+    max_tokens: int | None = _help("token budget; sets max_steps = max_tokens // global_batch_tokens", default=None)
+    # Optimizer and schedule.
+    lr: float = _help("peak learning rate", default=2e-3)
+    min_lr: float = _help("learning rate at the end of the decay", default=2e-4)
+    warmup_steps: int = _help("linear warm-up steps from 0 to --lr", default=100)
+    schedule: str = _help("after warm-up: cosine or linear decay to --min-lr, or constant", default="cosine")
+    weight_decay: float = _help("AdamW decoupled weight decay on matrices (0 = off)", default=0.1)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2", default=0.95)
+    eps: float = _help("AdamW epsilon", default=1e-8)
+    grad_clip: float | None = _help("clip the global gradient norm to this (off/0 = no clipping)", default=1.0)
+    # Hardware.
+    precision: str = _help("fp32, bf16 (autocast, CPU or CUDA) or fp16 (autocast + grad scaler, CUDA)", default="bf16")
+    compile: bool = _help("torch.compile the model", default=False)
+    device: str = _help("auto (CUDA if available), cpu, cuda or cuda:N", default="auto")
+    ddp_timeout_s: int = _help("seconds a process waits on the others before the run fails", default=600)
+    # Evaluation, logging, checkpoints.
+    eval_every: int = _help("steps between validation-loss evaluations (also at step 0 and the end)", default=100)
+    eval_batches: int = _help("fixed validation batches per evaluation", default=8)
+    eval_batch_size: int = _help("sequences per validation batch (independent of the training batch, "
+                                 "so runs with different batch layouts compare)", default=8)
+    log_every: int = _help("steps between metrics.jsonl rows", default=10)
+    sample_tokens: int = _help("tokens per sampled generation at each evaluation (0 = none)", default=48)
+    sample_prompts: list = _help(
+        "prompts for the sampled generations", default_factory=lambda: ["def ", "import os\n"]
+    )
+    ckpt_every: int = _help("steps between checkpoints after the log-spaced ones", default=100)
+    ckpt_log_spaced: bool = _help("also checkpoint at steps 1, 2, 4, 8, ... below --ckpt-every", default=True)
+    keep_resume: int = _help("keep optimizer/data/RNG resume state in this many latest checkpoints", default=1)
+    progress: bool = _help("show a progress bar", default=True)
+    tensorboard: bool = _help("also log to RUN/tensorboard when tensorboard is installed", default=True)
+    peak_flops: float | None = _help("peak FLOP/s for MFU; default measured (CPU) or looked up (GPU)", default=None)
+
+    def __post_init__(self):
+        self.validate()
+
+    def model_config(self) -> GPT2Config:
+        """The GPT2Config this run trains: the preset with ``model`` overrides applied."""
+        unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(GPT2Config)})
+        if unknown:
+            raise ConfigError(f"unknown model fields {unknown}")
+        return GPT2Config.preset(self.preset, **self.model)
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"model must be a dict of GPT2Config overrides, got {self.model!r}")
+        mcfg = self.model_config()
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("batch_size", "eval_every", "eval_batches", "eval_batch_size", "log_every", "ckpt_every", "ddp_timeout_s"):
+            _positive(name, getattr(self, name))
+        for name in ("seq_len", "global_batch_tokens", "max_tokens"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.max_steps is None and self.max_tokens is None:
+            raise ConfigError("give a length: --max-steps N or --max-tokens N")
+        if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 0):
+            raise ConfigError(f"max_steps must be a non-negative integer, got {self.max_steps!r}")
+        if self.seq_len is not None and self.seq_len > mcfg.n_ctx:
+            raise ConfigError(f"seq_len {self.seq_len} is longer than the model's n_ctx {mcfg.n_ctx}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be positive, or None/'off' for no clipping; got {self.grad_clip!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"need lr > 0 and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.keep_resume < 1 or self.sample_tokens < 0:
+            raise ConfigError("warmup_steps, weight_decay and sample_tokens must be >= 0, keep_resume >= 1")
+
+    # Batch arithmetic, given the number of processes.
+    def resolved_seq_len(self) -> int:
+        return self.seq_len or self.model_config().n_ctx
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        micro = self.batch_size * self.resolved_seq_len() * world_size
+        total = self.global_batch_tokens or micro
+        if total % micro:
+            raise ConfigError(
+                f"global batch of {total} tokens does not divide into micro-batches of "
+                f"batch_size {self.batch_size} x seq_len {self.resolved_seq_len()} x {world_size} processes "
+                f"= {micro} tokens; choose --global-batch-tokens as a multiple of {micro}"
+            )
+        return total // micro
+
+    def resolved_max_steps(self, world_size: int) -> int:
+        if self.max_tokens is None:
+            return self.max_steps
+        tokens_per_step = self.batch_size * self.resolved_seq_len() * world_size * self.grad_accum_steps(world_size)
+        return max(1, math.ceil(self.max_tokens / tokens_per_step))
+
+    # Serialisation. "model" is written as the full GPT2Config dict; read back, it is a
+    # set of overrides that reproduce the same model from the same preset.
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model_config().to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k != "derived"}  # informative, written by train()
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"unknown training config keys {unknown}; valid keys are {sorted(fields)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(read_config_file(path))
+
+
+def _positive(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A TOML or JSON file of TrainConfig keys (model overrides in a ``[model]`` table)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text())
+        return json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper() or 'JSON'}: {e}") from None
+
+
+# Command line: one flag per TrainConfig field and per GPT2Config field.
+MODEL_HELP = {
+    "n_layers": "transformer blocks",
+    "d_model": "residual stream width",
+    "n_heads": "attention heads per block",
+    "d_head": "width of each head (default d_model / n_heads)",
+    "d_mlp": "MLP hidden width (default 4 d_model)",
+    "n_ctx": "context length (positions embedded)",
+    "d_vocab": "vocabulary size (50257 for GPT-2 tokens)",
+    "act_fn": "MLP activation: gelu_new (GPT-2's) or gelu",
+    "layer_norm_eps": "layer-norm epsilon",
+    "dropout": "dropout rate on embeddings, attention and residual outputs (0 or off = none)",
+    "qkv_bias": "biases on the Q, K and V projections",
+    "tie_embeddings": "share one matrix between embedding and unembedding",
+    "attn_only": "attention-only blocks (no MLPs)",
+    "init_std": "standard deviation of the initial weights",
+}
+
+
+def _off_or(kind, off_value):
+    def parse(text: str):
+        return off_value if text.lower() in ("off", "none") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _arg_type(f: dataclasses.Field):
+    if f.name == "grad_clip":
+        return {"type": _off_or(float, None)}
+    if f.name == "sample_prompts":
+        return {"type": str, "nargs": "*"}
+    kinds = {"int": int, "float": float, "str": str, "bool": bool, "int | None": int, "float | None": float,
+             "str | None": str}
+    kind = kinds[str(f.type) if not isinstance(f.type, type) else f.type.__name__]
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": kind}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description="Train a HookedGPT2 from scratch. With no arguments: the demo preset on the "
+        "embedded python-stdlib corpus, into runs/demo. Precedence: defaults < --config file < "
+        "(with --resume) the run's saved config < flags.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", help="TOML or JSON file of training settings (the keys of RUN/config.json)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
+        choices = {"preset": list(PRESETS), "precision": list(PRECISIONS), "schedule": list(SCHEDULES)}.get(f.name)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=f.metadata["help"],
+                       choices=choices, **_arg_type(f))
+    group = p.add_argument_group("model overrides (GPT2Config fields; the study's interventions among them)")
+    for f in dataclasses.fields(GPT2Config):
+        kind = {"dropout": {"type": _off_or(float, 0.0)}}.get(f.name) or _arg_type(f)
+        group.add_argument("--" + f.name.replace("_", "-"), dest="model." + f.name, help=MODEL_HELP[f.name], **kind)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse the command line into a TrainConfig (raises ConfigError on bad values)."""
+    args = vars(build_parser().parse_args(argv))
+    base: dict = {}
+    if "config" in args:
+        base = read_config_file(args.pop("config"))
+    flags = {k: v for k, v in args.items() if not k.startswith("model.")}
+    model_flags = {k.removeprefix("model."): v for k, v in args.items() if k.startswith("model.")}
+    if flags.get("resume"):
+        out = flags.get("out") or base.get("out") or default_out(flags.get("preset") or base.get("preset", "demo"))
+        saved = Path(out) / "config.json"
+        if saved.is_file():
+            base = {**base, **json.loads(saved.read_text())}
+            base.pop("derived", None)
+    merged = {**base, **flags}
+    merged["model"] = {**base.get("model", {}), **model_flags}
+    return TrainConfig.from_dict(merged)
+
+
+def default_out(preset: str) -> str:
+    if preset == "demo":
+        return "runs/demo"
+    import time
+
+    return f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
