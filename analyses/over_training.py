@@ -92,14 +92,15 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
         identity = _checkpoint_identity(path)
         if cached.get("checkpoint") != identity:  # rewritten (e.g. a run restarted with --overwrite)
             cached = {}
-        done = cached.get("metrics", {})
-        keys = {m: _key(m, options, val) for m in metrics}
-        todo = [m for m in metrics if done.get(m, {}).get("key") != keys[m]]
+        done = cached.get("metrics", {})  # "name@options-hash" -> value; other options' results stay
+        keys = {m: f"{m}@{_key(m, options, val)}" for m in metrics}
+        todo = [m for m in metrics if keys[m] not in done]
         if todo:
             log(f"step {step}: computing {', '.join(todo)}")
             model = _load(path, device)
-            for name, value in compute(model, todo, options, val).items():
-                done[name] = {"key": keys[name], "value": value}
+            values = compute(model, todo, options, val)
+            for name in todo:
+                done[keys[name]] = values[name]
             state = _read_json(path / "state.json") or {}
             cached = {"step": step, "tokens_seen": state.get("tokens_seen"), "checkpoint": identity, "metrics": done}
             atomic_write_text(cache_path, json.dumps(cached) + "\n")
@@ -107,7 +108,7 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
         if row["tokens_seen"] is None:
             row["tokens_seen"] = step * config.get("global_batch_tokens", 1)
         for name in metrics:
-            value = done[name]["value"]
+            value = done[keys[name]]
             if name == "icl":  # icl, icl_first, icl_second
                 row.update(value)
             else:
