@@ -8,7 +8,8 @@ were sent, so the output is the same whatever the number of workers.
 import multiprocessing
 import signal
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from hooked_gpt2.tokenizer import EOT_TOKEN, get_tokenizer
 
 # Large enough that pickling and process hand-offs are noise next to tokenising a chunk,
 # small enough that a few chunks in flight per worker stay a few megabytes.
-CHUNK_CHARS = 1 << 20
+CHUNK_CHARS = 1 << 18
 CHUNKS_IN_FLIGHT_PER_WORKER = 3
 
 
@@ -44,16 +45,23 @@ def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64)
 
 
-def chunk_documents(documents: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
+def chunk_documents(documents: Iterable[str], tag: Callable[[], Any] = lambda: None,
+                    chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[list[str], Any]]:
+    """Chunks of about ``chunk_chars`` characters, each with ``tag()`` taken as it closes.
+
+    Chunk boundaries depend only on the documents, so the tags (the reader's counters
+    at that point) are the same whatever the number of workers or how far ahead the
+    workers have read.
+    """
     chunk, size = [], 0
     for text in documents:
         chunk.append(text)
         size += len(text)
         if size >= chunk_chars:
-            yield chunk
+            yield chunk, tag()
             chunk, size = [], 0
     if chunk:
-        yield chunk
+        yield chunk, tag()
 
 
 def _ignore_sigint() -> None:
@@ -62,20 +70,23 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def encode_documents(documents: Iterable[str], workers: int) -> Iterator[np.ndarray]:
-    """Each document's tokens, in input order, tokenised by ``workers`` processes.
+def encode_documents(documents: Iterable[str], workers: int,
+                     tag: Callable[[], Any] = lambda: None) -> Iterator[tuple[np.ndarray, Any]]:
+    """Each document's tokens, in input order, tokenised by ``workers`` processes, with
+    the tag of its chunk (see ``chunk_documents``).
 
-    >>> [t.tolist() for t in encode_documents(["Hello world"], workers=1)]
+    >>> [t.tolist() for t, _ in encode_documents(["Hello world"], workers=1)]
     [[50256, 15496, 995]]
     """
-    for tokens, lengths in encode_chunks(chunk_documents(documents), workers):
-        yield from np.split(tokens, np.cumsum(lengths)[:-1])
+    for (tokens, lengths), chunk_tag in encode_chunks(chunk_documents(documents, tag), workers):
+        for doc in np.split(tokens, np.cumsum(lengths)[:-1]):
+            yield doc, chunk_tag
 
 
-def encode_chunks(chunks: Iterable[list[str]], workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def encode_chunks(chunks: Iterable[tuple[list[str], Any]], workers: int) -> Iterator[tuple[tuple, Any]]:
     if workers == 1:
         # No pool: a process hand-off would only add cost.
-        yield from map(encode_chunk, chunks)
+        yield from ((encode_chunk(chunk), chunk_tag) for chunk, chunk_tag in chunks)
         return
     get_tokenizer()  # load the ranks once here; forked workers inherit them
     # fork starts workers in milliseconds with the tokenizer already built; spawn (the
@@ -85,9 +96,11 @@ def encode_chunks(chunks: Iterable[list[str]], workers: int) -> Iterator[tuple[n
         # Pool.imap would read the whole input ahead (a streamed dataset in memory);
         # a bounded window of async calls keeps order and bounds memory.
         pending = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(encode_chunk, (chunk,)))
+        for chunk, chunk_tag in chunks:
+            pending.append((pool.apply_async(encode_chunk, (chunk,)), chunk_tag))
             if len(pending) >= workers * CHUNKS_IN_FLIGHT_PER_WORKER:
-                yield pending.popleft().get()
+                result, chunk_tag = pending.popleft()
+                yield result.get(), chunk_tag
         while pending:
-            yield pending.popleft().get()
+            result, chunk_tag = pending.popleft()
+            yield result.get(), chunk_tag

@@ -42,7 +42,6 @@ DEFAULT_VAL_EVERY = 50  # spreads the python-stdlib validation documents over th
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shard size: 200 MB files
 MANIFEST = "manifest.json"
 FORMAT = "hooked-gpt2 token shards"
-MAX_EXAMPLES = 20  # files named in the manifest as having undecodable bytes
 
 
 def package_version() -> str:
@@ -75,7 +74,7 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
     >>> sorted(p.name for p in out.iterdir())
     ['manifest.json', 'train_000000.bin', 'val_000000.bin']
     """
-    workers = workers if workers is not None else (os.cpu_count() or 1)
+    workers = workers if workers is not None else default_workers()
     options = {
         "source": source, "max_tokens": max_tokens, "val_tokens": val_tokens, "val_every": val_every,
         "shard_tokens": shard_tokens, "text_column": text_column, "config": config,
@@ -113,10 +112,20 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
 def ensure_default_data(out: str | Path = "data/python-stdlib", **kwargs) -> Path:
     """The embedded python-stdlib corpus under ``out``, prepared on first use.
 
+    Under DDP, call it on one rank and wait at a barrier: two processes preparing the
+    same directory at once would race on its temporary files.
+
     >>> data_dir = ensure_default_data("/tmp/stdlib-demo", max_tokens=50_000, val_tokens=5_000,
     ...                                progress=False, log=lambda *a: None)
     """
     return prepare("python-stdlib", out, **kwargs)
+
+
+def default_workers() -> int:
+    """CPUs this process may run on (a container or taskset may allow fewer than exist)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def check_options(options: dict, workers: int) -> None:
@@ -164,14 +173,17 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
     train = ShardWriter(out, "train", options["shard_tokens"])
     val = ShardWriter(out, "val", options["shard_tokens"])
     meter = Progress(max_tokens, progress)
-    n_docs = 0
-    with contextlib.closing(encode_documents(src.documents, workers)) as docs, meter:
-        for tokens in docs:
+    n_docs, stats, cut = 0, src.stats, False
+    # Counters come with each chunk, not from src.stats at the end: the reader runs
+    # ahead of the workers by an amount that depends on their number.
+    with contextlib.closing(encode_documents(src.documents, workers, src.stats.snapshot)) as docs, meter:
+        for tokens, stats in docs:
             if val.tokens < val_tokens and n_docs % val_every == 0:
                 val.add(tokens)
                 val.documents += 1
             elif max_tokens is None or train.tokens < max_tokens:
                 room = len(tokens) if max_tokens is None else max_tokens - train.tokens
+                cut = room < len(tokens)
                 train.add(tokens[:room])
                 train.documents += 1
             n_docs += 1
@@ -182,7 +194,6 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
     val.flush()
     if train.tokens == 0:
         raise empty_corpus_error(options["source"], n_docs, src)
-    stats = src.stats
     return {
         "format": FORMAT,
         "package_version": package_version(),
@@ -195,13 +206,13 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
                          "header_int32": HEADER_INT32, "token_dtype": "uint16 little-endian"},
         "splits": {w.split: {"tokens": w.tokens, "documents": w.documents, "shards": w.shards}
                    for w in (train, val)},
-        "train_last_document_cut": max_tokens is not None and train.tokens == max_tokens,
+        "train_last_document_cut": cut,
         "source_stats": {
             "empty_documents": stats.empty_documents,
             "filtered_documents": stats.filtered_documents,
             "replaced_characters": stats.replaced_characters,
-            "files_with_replacements": stats.files_with_replacements[:MAX_EXAMPLES],
-            "files_with_replacements_count": len(stats.files_with_replacements),
+            "files_with_replacements": stats.files_with_replacements,
+            "examples_with_replacements": stats.examples_with_replacements,
         },
     }
 
@@ -272,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=DEFAULT_VAL_EVERY,
                    help=f"send every Nth document to validation until it is full (default {DEFAULT_VAL_EVERY})")
     p.add_argument("--workers", type=int, default=None,
-                   help="tokeniser processes (default: the number of CPUs); output does not depend on it")
+                   help="tokeniser processes (default: the CPUs available); output does not depend on it")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--force", action="store_true", help="rebuild even if --out holds finished output")

@@ -6,6 +6,7 @@ A source is an iterator of document strings in a fixed order, so the same source
 the same token stream on every run and every machine.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -14,7 +15,7 @@ import socket
 import sys
 import sysconfig
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +27,7 @@ TXT_DOCS = ("file", "paragraph")
 # Directories of the standard library that are not the library itself.
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 HUB_PROBE_TIMEOUT_S = 3.0
+MAX_EXAMPLES = 20  # files named as having undecodable bytes
 
 
 class DataPrepError(ValueError):
@@ -42,7 +44,11 @@ class SourceStats:
     empty_documents: int = 0
     filtered_documents: int = 0
     replaced_characters: int = 0
-    files_with_replacements: list[str] = field(default_factory=list)
+    files_with_replacements: int = 0
+    examples_with_replacements: list[str] = field(default_factory=list)  # the first few, by name
+
+    def snapshot(self) -> "SourceStats":
+        return dataclasses.replace(self, examples_with_replacements=list(self.examples_with_replacements))
 
 
 @dataclass
@@ -76,17 +82,17 @@ def resolve_source(source: str, *, config: str | None = None, data_files: str | 
         root = Path(sysconfig.get_paths()["stdlib"])
         files = stdlib_files(root)
         info = {"stdlib": str(root), "python": sys.version.split()[0], "files": len(files)}
-        docs = (read_text(path, stats) for path in files)
+        docs = nonempty((read_text(path, stats) for path in files), stats)
         return Source("python-stdlib", info, docs, stats)
     if source == "fineweb-edu":
         if data_files:
-            return hf_source("parquet", None, local_files(data_files, (".parquet",)), opts, stats)
+            return hf_source("parquet", None, local_files(data_files, (".parquet",), "--data-files"), opts, stats)
         return hf_source(FINEWEB_EDU, config or FINEWEB_EDU_CONFIG, None, opts, stats)
     if source.startswith("hf:"):
         name, _, hf_config = source[3:].partition(":")
         if not name:
             raise DataPrepError("hf: needs a dataset name, e.g. --source hf:roneneldan/TinyStories")
-        files = local_files(data_files, None) if data_files else None
+        files = local_files(data_files, None, "--data-files") if data_files else None
         return hf_source(name, hf_config or config, files, opts, stats)
     files = local_files(source, LOCAL_SUFFIXES)
     if opts.min_int_score is not None and any(f.suffix == ".txt" for f in files):
@@ -104,7 +110,7 @@ def stdlib_files(root: Path) -> list[Path]:
     return files
 
 
-def local_files(pattern: str, suffixes: tuple[str, ...] | None) -> list[Path]:
+def local_files(pattern: str, suffixes: tuple[str, ...] | None, flag: str = "--source") -> list[Path]:
     """A file, a directory (searched recursively) or a glob, as a sorted list of files."""
     if any(ch in pattern for ch in "*?["):
         matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
@@ -115,8 +121,9 @@ def local_files(pattern: str, suffixes: tuple[str, ...] | None) -> list[Path]:
     elif Path(pattern).exists():
         matches = [Path(pattern)]
     else:
-        raise DataPrepError(f"{pattern} does not exist; --source takes python-stdlib, fineweb-edu, "
-                            "hf:NAME[:CONFIG], or a local file, directory or glob")
+        hint = ("; --source takes python-stdlib, fineweb-edu, hf:NAME[:CONFIG], or a local file, "
+                "directory or glob") if flag == "--source" else f" (given as {flag})"
+        raise DataPrepError(f"{pattern} does not exist{hint}")
     if suffixes is None:
         return matches
     if len(matches) == 1 and matches[0].suffix not in suffixes:
@@ -132,11 +139,20 @@ def local_documents(files: list[Path], opts: TextOptions, stats: SourceStats) ->
     for path in files:
         if path.suffix == ".txt":
             text = read_text(path, stats)
-            yield from (paragraphs(text) if opts.txt_docs == "paragraph" else [text])
+            yield from nonempty(paragraphs(text) if opts.txt_docs == "paragraph" else [text], stats)
         elif path.suffix == ".parquet":
             yield from parquet_documents(path, opts, stats)
         else:
             yield from json_documents(path, opts, stats)
+
+
+def nonempty(texts: Iterable[str], stats: SourceStats) -> Iterator[str]:
+    """Skip empty documents (an empty ``__init__.py``): they would be a lone EOT."""
+    for text in texts:
+        if text:
+            yield text
+        else:
+            stats.empty_documents += 1
 
 
 def paragraphs(text: str) -> list[str]:
@@ -153,7 +169,9 @@ def decode(data: bytes, where: str, stats: SourceStats) -> str:
         # Count only what the decoder replaced, not U+FFFD already in the text.
         clean = data.decode("utf-8", errors="ignore")
         stats.replaced_characters += text.count("\ufffd") - clean.count("\ufffd")
-        stats.files_with_replacements.append(where)
+        stats.files_with_replacements += 1
+        if len(stats.examples_with_replacements) < MAX_EXAMPLES:
+            stats.examples_with_replacements.append(where)
         return text
 
 
@@ -245,7 +263,8 @@ def hf_source(path: str, config: str | None, data_files: list[Path] | None,
     the same ``load_dataset`` call; only ``path`` and ``data_files`` differ.
     """
     if data_files is None and not Path(path).exists():
-        require_hub(path)
+        require_hub(path, "--source fineweb-edu --data-files DIR" if path == FINEWEB_EDU
+                    else f"--source hf:{path} --data-files FILES")
     files = [str(p) for p in data_files] if data_files else None
     info = {"dataset": path, "config": config, "data_files": len(files) if files else None}
     return Source("hf", info, hf_documents(path, config, files, opts, stats), stats)
@@ -267,12 +286,11 @@ def hf_documents(path: str, config: str | None, data_files: list[str] | None,
             yield text
 
 
-def require_hub(dataset: str) -> None:
+def require_hub(dataset: str, local_form: str) -> None:
     """Fail in seconds, not minutes of retries, when the hub cannot be reached."""
     advice = (f"cannot stream {dataset} from the Hugging Face hub: {{why}}. Prepare from local "
-              "files instead: download the parquet files elsewhere and pass "
-              "--source fineweb-edu --data-files DIR (or --source DIR), "
-              "or use the embedded corpus with --source python-stdlib")
+              f"files instead: download its parquet files elsewhere and pass {local_form} "
+              "(or --source DIR), or use the embedded corpus with --source python-stdlib")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
             raise DataPrepError(advice.format(why=f"{var} is set"))

@@ -41,7 +41,7 @@ def format_summary(manifest: dict, seconds: float) -> str:
     ]
     if stats["replaced_characters"]:
         lines.append(f"  replaced {stats['replaced_characters']:,} undecodable byte sequence(s) with U+FFFD "
-                     f"in {len(stats['files_with_replacements'])} file(s)/record(s)")
+                     f"in {stats['files_with_replacements']:,} file(s) or record(s)")
     if stats["empty_documents"] or stats["filtered_documents"]:
         lines.append(f"  skipped {stats['empty_documents']:,} empty and "
                      f"{stats['filtered_documents']:,} filtered documents")

@@ -1,7 +1,5 @@
-"""Shared test fixtures. Keep each fixture small and clearly named: several branches add here.
-
-Analyses: a tiny random GPT-2 (with GPT-2's vocabulary, so prompts tokenize) saved as a
-checkpoint, and the planted induction model. Training: tiny-shakespeare prepared once."""
+"""Shared fixtures for the analyses tests: a tiny random GPT-2 (with GPT-2's vocabulary,
+so prompts tokenize) saved as a checkpoint, and the planted induction model."""
 
 from pathlib import Path
 
@@ -10,8 +8,6 @@ import torch
 
 from hooked_gpt2 import GPT2Config, HookedGPT2
 from tests.planted import build_planted_induction_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +30,10 @@ def tiny_checkpoint(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def planted():
     return build_planted_induction_model()
+
+
+# Training tests: tiny-shakespeare prepared once per session.
+REPO = Path(__file__).resolve().parents[1]
 
 
 def shakespeare_txt() -> Path:

