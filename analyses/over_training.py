@@ -1,0 +1,374 @@
+"""How a model forms over training: the analyses, computed for every checkpoint of a run.
+
+For each ``RUN/checkpoints/step_*`` in step order:
+
+- ``val_loss``: validation loss on the run's own fixed batches (rebuilt from
+  ``RUN/config.json``, at the run's precision), beside the loss the run logged there;
+- ``icl``: on repeated random tokens ``[BOS, r_1..r_n, r_1..r_n]``, mean loss on the
+  first repetition's tokens minus mean loss on the second's (positive: learned in context);
+- ``heads``: induction, previous-token and duplicate-token scores of every head, on the
+  same repeated tokens;
+- ``logit_lens``: next-token loss read off each layer's residual stream, on the first
+  validation batch (on the repeated tokens for a run without data);
+- ``ablation`` (on request): the change in loss on the second repetition when each head
+  is mean-ablated (which heads in-context learning depends on).
+
+Each checkpoint's results are cached in ``RUN/analysis/over_training/step_XXXXXXX.json``,
+each metric under a hash of its options: a re-run computes only what it has not seen
+(new checkpoints, changed options), so it can follow a run that is still training.
+
+    python -m analyses.over_training runs/demo                 # writes runs/demo/analysis/
+    python -m analyses.over_training runs/demo --metrics icl,heads,ablation
+
+>>> results = over_training("runs/demo")                                  # doctest: +SKIP
+>>> results["crossing"]  # first checkpoint whose best induction score >= 0.5, or None
+"""
+
+import argparse
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+import torch.nn.functional as F
+
+from hooked_gpt2 import CheckpointError, HookedGPT2
+from hooked_gpt2.checkpoint import atomic_write_text
+
+from . import cli
+from .ablation import head_ablation
+from .common import AnalysisError
+from .heads import DETECTORS, repeated_random_tokens, scores_from_patterns
+from .html import Page, heatmap
+from .logit_lens import per_layer_loss
+
+METRICS = ("val_loss", "icl", "heads", "logit_lens", "ablation")
+DEFAULT_METRICS = ("val_loss", "icl", "heads", "logit_lens")
+CROSSING = 0.5  # the induction score at which we say an induction head has formed
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    # The same listing training uses: complete checkpoints only (saves are atomic renames).
+    from training.checkpointing import list_checkpoints as listing
+
+    return listing(run_dir)
+
+
+def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: int = 8, seed: int = 0,
+                  ablation_method: str = "mean", device: str = "cpu", log=print) -> dict:
+    """Every requested metric for every checkpoint of ``run_dir`` (cached per checkpoint).
+
+    Returns ``{"run_dir", "metrics", "options", "notes", "checkpoints": [{"step",
+    "tokens_seen", "val_loss", "logged_val_loss", "icl", "heads", "logit_lens",
+    "ablation"}], "crossing"}``; per-head values are ``[layer][head]`` lists.
+
+    >>> results = over_training("runs/demo", metrics=["icl", "heads"])  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise AnalysisError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+    if not run_dir.is_dir():
+        raise AnalysisError(f"run directory {run_dir} does not exist")
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise AnalysisError(f"{run_dir} has no checkpoints (no {run_dir}/checkpoints/step_*): train first, "
+                            "or wait for the run's first checkpoint")
+    config = _read_json(run_dir / "config.json") or {}
+    logged = logged_val_losses(run_dir)
+    options = {"icl_seq_len": icl_seq_len, "icl_batch": icl_batch, "seed": seed, "ablation_method": ablation_method}
+    val = ValidationData(config)
+    notes = [] if val.batches is not None or "val_loss" not in metrics else [val.why_missing]
+    cache_dir = run_dir / "analysis" / "over_training"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for step, path in checkpoints:
+        cache_path = cache_dir / f"{path.name}.json"
+        cached = _read_json(cache_path) or {}
+        identity = _checkpoint_identity(path)
+        if cached.get("checkpoint") != identity:  # rewritten (e.g. a run restarted with --overwrite)
+            cached = {}
+        done = cached.get("metrics", {})  # "name@options-hash" -> value; other options' results stay
+        keys = {m: f"{m}@{_key(m, options, val)}" for m in metrics}
+        todo = [m for m in metrics if keys[m] not in done]
+        if todo:
+            log(f"step {step}: computing {', '.join(todo)}")
+            model = _load(path, device)
+            values = compute(model, todo, options, val)
+            for name in todo:
+                done[keys[name]] = values[name]
+            state = _read_json(path / "state.json") or {}
+            cached = {"step": step, "tokens_seen": state.get("tokens_seen"), "checkpoint": identity, "metrics": done}
+            atomic_write_text(cache_path, json.dumps(cached) + "\n")
+        row = {"step": step, "tokens_seen": cached.get("tokens_seen")}
+        if row["tokens_seen"] is None:
+            row["tokens_seen"] = step * config.get("global_batch_tokens", 1)
+        for name in metrics:
+            value = done[keys[name]]
+            if name == "icl":  # icl, icl_first, icl_second
+                row.update(value)
+            else:
+                row[name] = value
+        if "val_loss" in metrics:
+            row["logged_val_loss"] = logged.get(step)
+        rows.append(row)
+
+    return {"run_dir": str(run_dir), "metrics": metrics, "options": options, "notes": notes,
+            "checkpoints": rows, "crossing": induction_crossing(rows) if "heads" in metrics else None}
+
+
+class ValidationData:
+    """The run's fixed validation batches, or why there are none (a run without data)."""
+
+    def __init__(self, config: dict):
+        self.batches, self.autocast, self.why_missing, self.identity = None, None, None, None
+        data = config.get("data")
+        if not data or not (Path(data) / "manifest.json").is_file():
+            self.why_missing = (f"validation loss skipped: the run's data ({data or 'none in config.json'}) is not "
+                                "available; the logit lens reads the repeated random tokens instead")
+            return
+        from training.evaluate import fixed_val_batches
+        from training.train import make_autocast
+
+        args = (data, config["eval_batch_size"], config["seq_len"], config["eval_batches"])
+        self.batches = fixed_val_batches(*args)
+        self.autocast = make_autocast(config.get("precision", "fp32"), torch.device("cpu"))
+        self.identity = [*args, config.get("precision", "fp32")]
+
+
+def compute(model, names, options: dict, val: ValidationData) -> dict:
+    """The metrics ``names`` of one model, as JSON-ready values."""
+    out = {}
+    n = min(options["icl_seq_len"], (model.cfg.n_ctx - 1) // 2, model.cfg.d_vocab - 2)
+    tokens = repeated_random_tokens(model, seq_len=n, batch=options["icl_batch"], seed=options["seed"])
+    second = slice(n + 1, 2 * n + 1)  # target positions of the second repetition
+    with torch.no_grad():
+        if "icl" in names or "heads" in names:
+            logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+            losses = losses.view(tokens.shape[0], -1)  # [batch, target position - 1]
+            first_loss, second_loss = losses[:, :n].mean().item(), losses[:, n:].mean().item()
+            out["icl"] = {"icl_first": first_loss, "icl_second": second_loss, "icl": first_loss - second_loss}
+            patterns = torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)])
+            out["heads"] = {k: v.tolist() for k, v in scores_from_patterns(patterns, tokens).items()}
+        if "val_loss" in names:
+            if val.batches is None:
+                out["val_loss"] = None
+            else:
+                from training.evaluate import evaluate
+
+                out["val_loss"] = evaluate(model, val.batches, val.autocast)
+        if "logit_lens" in names:
+            lens_tokens = tokens if val.batches is None else val.batches[0][:, : model.cfg.n_ctx]
+            out["logit_lens"] = per_layer_loss(model, lens_tokens).tolist()
+        if "ablation" in names:
+
+            def second_repetition_loss(logits):
+                target = tokens[:, second]
+                return F.cross_entropy(logits[:, second.start - 1 : second.stop - 1].flatten(0, 1).float(),
+                                       target.flatten())
+
+            result = head_ablation(model, tokens, options["ablation_method"], metric=second_repetition_loss,
+                                   seed=options["seed"], include_mlps=False)
+            out["ablation"] = result.heads.tolist()
+    return out
+
+
+def induction_crossing(rows: list[dict], threshold: float = CROSSING) -> dict | None:
+    """The first checkpoint whose best head's induction score is at least ``threshold``."""
+    for row in rows:
+        scores = torch.tensor(row["heads"]["induction"])
+        best = float(scores.max())
+        if best >= threshold:
+            layer, head = divmod(int(scores.argmax()), scores.shape[1])
+            return {"step": row["step"], "tokens_seen": row["tokens_seen"], "head": [layer, head], "score": best}
+    return None
+
+
+def logged_val_losses(run_dir: Path) -> dict[int, float]:
+    """step -> the val_loss the run logged (a half-written last line of a live run is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    found = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("val_loss") is not None:
+            found[row["step"]] = row["val_loss"]
+    return found
+
+
+def _key(metric: str, options: dict, val: ValidationData) -> str:
+    relevant = {"val_loss": [val.identity], "logit_lens": [val.identity, options["icl_seq_len"], options["icl_batch"], options["seed"]],
+                "icl": [options["icl_seq_len"], options["icl_batch"], options["seed"]]}
+    relevant["heads"] = relevant["icl"]
+    relevant["ablation"] = relevant["icl"] + [options["ablation_method"]]
+    return hashlib.sha1(json.dumps([metric, relevant[metric]]).encode()).hexdigest()[:16]
+
+
+def _checkpoint_identity(path: Path) -> dict:
+    weights = path / "model.safetensors"
+    stat = weights.stat() if weights.is_file() else None
+    return {"mtime_ns": stat.st_mtime_ns, "size": stat.st_size} if stat else {}
+
+
+def _load(path: Path, device: str) -> HookedGPT2:
+    try:
+        return HookedGPT2.from_pretrained(path).to(device).eval()
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# The report.
+def write_report(results: dict, out: Path) -> Path:
+    rows, crossing = results["checkpoints"], results["crossing"]
+    page = Page(f"Over training: {results['run_dir']}")
+    x, x_note = _log_x([r["tokens_seen"] for r in rows])
+    page.add_text(f"{len(rows)} checkpoints, steps {rows[0]['step']} to {rows[-1]['step']}. {x_note}", note=True)
+    for note in results["notes"]:
+        page.add_text(note, note=True)
+    names = results["metrics"]
+
+    if "val_loss" in names and any(r["val_loss"] is not None for r in rows):
+        fig = _lines(x, {"validation loss (recomputed)": [r["val_loss"] for r in rows]}, "Validation loss", "loss")
+        logged = [(xi, r["logged_val_loss"]) for xi, r in zip(x, rows) if r["logged_val_loss"] is not None]
+        if logged:
+            fig.add_trace(go.Scatter(x=[p[0] for p in logged], y=[p[1] for p in logged], mode="markers",
+                                     name="logged by the run", marker={"symbol": "x", "size": 9}))
+        page.add_heading("Validation loss")
+        page.add_plotly(fig)
+
+    if "icl" in names:
+        page.add_heading("In-context learning")
+        page.add_text(f"Loss on the first repetition of {results['options']['icl_batch']} random sequences minus loss "
+                      "on their second repetition (positive: the model uses the context to predict the repeat).")
+        fig = _lines(x, {"in-context learning score": [r["icl"] for r in rows]}, "In-context learning score",
+                     "loss difference (nats)")
+        if crossing is not None:
+            cx = x[[r["step"] for r in rows].index(crossing["step"])]
+            ys = [r["icl"] for r in rows]
+            label = f"induction score >= {CROSSING} at step {crossing['step']}"
+            fig.add_trace(go.Scatter(x=[cx, cx], y=[min(ys), max(ys)], mode="lines+text", name=label,
+                                     text=["", label], textposition="top left", line={"dash": "dash", "color": "red"}))
+        page.add_plotly(fig)
+        page.add_text(_crossing_text(crossing) if "heads" in names else "head scores not computed (--metrics heads)")
+
+    if "heads" in names:
+        page.add_heading("Head detector scores")
+        n_layers, n_heads = len(rows[0]["heads"]["induction"]), len(rows[0]["heads"]["induction"][0])
+        labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+        for detector in DETECTORS:
+            series = {label: [_flat(r["heads"][detector])[i] for r in rows] for i, label in enumerate(labels)}
+            fig = _lines(x, series, f"{detector.replace('_', '-')} score per head", "score")
+            fig.update_yaxes(range=[0, 1.02])
+            page.add_plotly(fig)
+        z = [[_flat(r["heads"]["induction"])[i] for r in rows] for i in range(len(labels))]
+        fig = heatmap(z, x=[str(r["step"]) for r in rows], y=labels, title="induction score over time",
+                      xlabel="step", ylabel="head", diverging=False)
+        fig.update_traces(zmin=0, zmax=1)
+        page.add_plotly(fig)
+
+    if "logit_lens" in names:
+        page.add_heading("Logit lens: loss read off each layer")
+        n_layers = len(rows[0]["logit_lens"])
+        series = {f"after layer {l}": [r["logit_lens"][l] for r in rows] for l in range(n_layers)}
+        page.add_plotly(_lines(x, series, "Next-token loss through ln_final and the unembedding", "loss"))
+
+    if "ablation" in names:
+        page.add_heading("Head ablation importance")
+        page.add_text(f"Change in loss on the second repetition when each head is {results['options']['ablation_method']}-ablated.")
+        n_layers, n_heads = len(rows[0]["ablation"]), len(rows[0]["ablation"][0])
+        labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+        series = {label: [_flat(r["ablation"])[i] for r in rows] for i, label in enumerate(labels)}
+        page.add_plotly(_lines(x, series, "Loss increase when the head is ablated", "loss change"))
+
+    page.add_heading("Per checkpoint")
+    header = ["step", "tokens seen"] + [h for h, m in (("val loss", "val_loss"), ("logged val loss", "val_loss"),
+                                                        ("ICL score", "icl"), ("best induction", "heads")) if m in names]
+    table = []
+    for r in rows:
+        row = [r["step"], r["tokens_seen"]]
+        if "val_loss" in names:
+            row += [_na(r["val_loss"]), _na(r["logged_val_loss"])]
+        if "icl" in names:
+            row.append(r["icl"])
+        if "heads" in names:
+            row.append(max(_flat(r["heads"]["induction"])))
+        table.append(row)
+    page.add_table(header, table)
+    return page.save(out)
+
+
+def _crossing_text(crossing) -> str:
+    if crossing is None:
+        return f"No head's induction score reaches {CROSSING} in these checkpoints."
+    layer, head = crossing["head"]
+    return (f"The best induction score first reaches {CROSSING} at step {crossing['step']} "
+            f"({crossing['tokens_seen']:,} tokens seen): head L{layer}H{head}, score {crossing['score']:.2f}.")
+
+
+def _log_x(tokens_seen: list[int]) -> tuple[list[float], str]:
+    positive = [t for t in tokens_seen if t and t > 0]
+    if len(positive) == len(tokens_seen):
+        return tokens_seen, "x axis: tokens seen, log scale."
+    floor = min(positive) / 2 if positive else 1
+    return [t if t and t > 0 else floor for t in tokens_seen], \
+        f"x axis: tokens seen, log scale; step 0 is drawn at {floor:g} tokens."
+
+
+def _lines(x, series: dict, title: str, ylabel: str) -> go.Figure:
+    fig = go.Figure([go.Scatter(x=x, y=y, mode="lines+markers", name=name) for name, y in series.items()])
+    fig.update_layout(title=title, xaxis_title="tokens seen", yaxis_title=ylabel, height=420)
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def _flat(per_head: list[list[float]]) -> list[float]:
+    return [v for row in per_head for v in row]
+
+
+def _na(value):
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analyses.over_training",
+                                description="Analyses across every checkpoint of a training run, with an HTML report.")
+    p.add_argument("run_dir", help="run directory (RUN/checkpoints/step_*; RUN/config.json for the validation data)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated metrics from {', '.join(METRICS)} (default: all but ablation)")
+    p.add_argument("--out", default=None, help="directory for over_training.json and over_training.html (default: RUN/analysis)")
+    p.add_argument("--icl-seq-len", type=int, default=20, help="length of each random sequence that is repeated")
+    p.add_argument("--icl-batch", type=int, default=8, help="number of repeated random sequences")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random sequences (fixed across checkpoints)")
+    p.add_argument("--ablation-method", default="mean", choices=["zero", "mean", "resample"], help="how heads are ablated")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    args = p.parse_args(argv)
+    from training.train import keep_freed_memory
+
+    keep_freed_memory()  # the 50k-vocabulary logits: reuse their memory (as training does)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    results = over_training(args.run_dir, metrics, icl_seq_len=args.icl_seq_len, icl_batch=args.icl_batch,
+                            seed=args.seed, ablation_method=args.ablation_method, device=args.device)
+    out = cli.out_dir(args.out or Path(args.run_dir) / "analysis")
+    cli.write_json(out / "over_training.json", results)
+    page = write_report(results, out / "over_training.html")
+    print(_crossing_text(results["crossing"]) if "heads" in metrics else "")
+    print(f"wrote {page} and {out / 'over_training.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,146 @@
+"""analyses.over_training: every metric for every checkpoint of a tiny real run, cached and
+picked up as the run goes on; the planted induction head scaled up over fake checkpoints;
+the report in headless Chromium; user errors."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from analyses import over_training as ot
+from tests.planted import INDUCTION_HEAD, build_planted_induction_model
+from tests.test_analyses_browser import CHROMIUM, chromium
+from training import checkpointing
+from training.config import TrainConfig
+from training.train import train
+
+ALL = list(ot.METRICS)
+
+
+def tiny_cfg(data, out, **overrides) -> TrainConfig:
+    base = dict(preset="tiny", model=dict(d_model=32, n_layers=2, n_heads=2, n_ctx=32), data=str(data), out=str(out),
+                batch_size=2, max_steps=8, warmup_steps=1, eval_every=4, eval_batches=1, eval_batch_size=2,
+                log_every=1, ckpt_every=4, sample_tokens=0, precision="bf16", progress=False, tensorboard=False,
+                peak_flops=1e12)
+    return TrainConfig(**{**base, **overrides})
+
+
+class Log(list):
+    def __call__(self, message):
+        self.append(message)
+
+
+@pytest.fixture(scope="module")
+def live_run(shakespeare_data, tmp_path_factory):
+    """A tiny run stopped half-way, as if still training (checkpoints 0, 1, 2, 4)."""
+    cfg = tiny_cfg(shakespeare_data, tmp_path_factory.mktemp("ot") / "run")
+    run = train(cfg, stop_after=4)
+    return cfg, run
+
+
+def test_every_metric_every_checkpoint_cached_and_new_checkpoints_picked_up(live_run):
+    cfg, run = live_run
+    log = Log()
+    first = ot.over_training(run, ALL, icl_seq_len=8, icl_batch=2, log=log)
+    assert [r["step"] for r in first["checkpoints"]] == [0, 1, 2, 4]
+    assert len(log) == 4 and all("val_loss, icl, heads, logit_lens, ablation" in m for m in log)
+    for row in first["checkpoints"]:
+        assert row["tokens_seen"] == row["step"] * 2 * 32
+        assert set(row["heads"]) == {"previous_token", "duplicate_token", "induction"}
+        assert torch.tensor(row["heads"]["induction"]).shape == (2, 2)
+        assert torch.tensor(row["ablation"]).shape == (2, 2)
+        assert len(row["logit_lens"]) == 2 and row["icl"] == pytest.approx(row["icl_first"] - row["icl_second"])
+        assert 0 < row["val_loss"] < 12
+    # The validation loss is recomputed on the run's own batches: it equals the logged one.
+    logged = {r["step"]: r["logged_val_loss"] for r in first["checkpoints"] if r["logged_val_loss"] is not None}
+    assert set(logged) == {0, 4}
+    for row in first["checkpoints"]:
+        if row["step"] in logged:
+            assert row["val_loss"] == pytest.approx(logged[row["step"]], abs=1e-5)
+    # The last layer's logit-lens loss on the first validation batch is the model's loss there
+    # (only one batch is evaluated, so it is the validation loss up to bf16 autocast).
+    assert first["checkpoints"][-1]["logit_lens"][-1] == pytest.approx(first["checkpoints"][-1]["val_loss"], abs=0.05)
+
+    # A re-run computes nothing; a changed option recomputes only the metrics it affects.
+    log.clear()
+    again = ot.over_training(run, ALL, icl_seq_len=8, icl_batch=2, log=log)
+    assert log == [] and again["checkpoints"] == first["checkpoints"]
+    ot.over_training(run, ["val_loss", "icl"], icl_seq_len=6, icl_batch=2, log=log)
+    assert log and all(m.endswith("computing icl") for m in log)
+
+    # The run continues: only the new checkpoint is analysed.
+    train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True}))
+    log.clear()
+    later = ot.over_training(run, ALL, icl_seq_len=8, icl_batch=2, log=log)
+    assert [r["step"] for r in later["checkpoints"]] == [0, 1, 2, 4, 8]
+    assert log == ["step 8: computing val_loss, icl, heads, logit_lens, ablation"]
+    assert later["checkpoints"][-1]["val_loss"] == pytest.approx(later["checkpoints"][-1]["logged_val_loss"], abs=1e-5)
+    assert later["checkpoints"][:4] == first["checkpoints"]
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """The planted model with its induction head scaled 0, 0.1, ..., 1: checkpoints 0..100."""
+    run = tmp_path_factory.mktemp("planted") / "run"
+    for i in range(11):
+        path = build_planted_induction_model(i / 10).save_pretrained(checkpointing.step_dir(run, 10 * i))
+        (path / "state.json").write_text(json.dumps({"step": 10 * i, "tokens_seen": 10 * i * 1000}))
+    (run / "config.json").write_text("{}\n")  # no data: validation loss is skipped, with a note
+    return run
+
+
+@pytest.fixture(scope="module")
+def planted_report(planted_run):
+    assert ot.main([str(planted_run), "--metrics", ",".join(ALL)]) == 0
+    return planted_run / "analysis"
+
+
+def test_planted_induction_rises_monotonically_and_crossing_is_marked(planted_report):
+    results = json.loads((planted_report / "over_training.json").read_text())
+    rows = results["checkpoints"]
+    layer, head = INDUCTION_HEAD
+    scores = [r["heads"]["induction"][layer][head] for r in rows]
+    assert all(b >= a - 1e-6 for a, b in zip(scores, scores[1:])), scores
+    assert scores[0] < 0.1 and scores[-1] > 0.99
+    icl = [r["icl"] for r in rows]
+    assert all(b > a for a, b in zip(icl, icl[1:])), icl
+    assert abs(icl[0]) < 1e-6 and icl[-1] > 3
+    # The first scale whose score reaches 0.5 is the marked crossing.
+    first = next(r for r, s in zip(rows, scores) if s >= 0.5)
+    assert results["crossing"]["step"] == first["step"] == 20 and results["crossing"]["head"] == [layer, head]
+    assert all(r["val_loss"] is None for r in rows) and "validation loss skipped" in results["notes"][0]
+    # Ablating the induction head costs the second repetition its in-context advantage.
+    assert rows[-1]["ablation"][layer][head] > 3
+    html = (planted_report / "over_training.html").read_text()
+    assert re.search(r"induction score (>|&gt;|\\u003e)= 0.5 at step 20", html), "the crossing line on the ICL plot"
+    assert "first reaches 0.5 at step 20" in html
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
+def test_report_renders_in_headless_chromium(planted_report, tmp_path):
+    page = planted_report / "over_training.html"
+    expected = page.read_text().count('class="plotly-graph-div"')
+    assert expected >= 7
+    dom = chromium(page, tmp_path, "--dump-dom")
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body and 'data-rendered="true"' in body.group(1), dom[:2000]
+    assert f'data-plots="{expected}"' in body.group(1), body.group(1)
+    errors = re.search(r'<pre id="report-errors">(.*?)</pre>', dom, re.S)
+    assert errors is not None and errors.group(1).strip() == "", errors.group(1)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("empty", "has no checkpoints"),
+    ("metric", "unknown metrics"),
+])
+def test_user_errors_exit_2_without_traceback(case, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    if case != "missing":
+        (run / "checkpoints").mkdir(parents=True)
+    argv = [str(run)] + (["--metrics", "icl,nope"] if case == "metric" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        ot.cli.run(ot.main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err

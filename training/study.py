@@ -1,0 +1,230 @@
+"""Intervention studies: a baseline, variants of it, each trained with several seeds.
+
+    python -m training.study studies/reference_interventions.toml            # runs/study-<name>
+    python -m training.study STUDY.toml --out runs/my-study --dry-run        # print the plan
+    python -m analyses.compare_runs runs/study-<name>                        # the comparison
+
+A study file (TOML)::
+
+    name = "example"
+    seeds = [0, 1]
+    [baseline]                 # TrainConfig keys (as in RUN/config.json), [baseline.model] for GPT2Config
+    preset = "tiny"
+    max_steps = 100
+    [variants.no_dropout]      # overrides of the baseline: the intervention, or any other key
+    model = { dropout = 0.0 }
+    [variants.stacked]         # optional: several variants' overrides together
+    stack = ["no_dropout", "..."]
+
+Runs go to ``STUDY_DIR/<variant>/seed_<n>/``, the baseline first, one after another; the
+resolved plan is ``STUDY_DIR/study.json``. Every run reads the training data in the same
+order (the loader is sequential and does not depend on the seed); the seed sets the
+initial weights and the dropout masks, so for a given seed all variants share data order
+and, where shapes agree, initialisation. A re-run skips finished runs (their final
+checkpoint exists) and resumes an interrupted one.
+"""
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+from data_prep.reader import ShardError
+from data_prep.sources import DataPrepError
+from hooked_gpt2 import CheckpointError, ConfigError
+
+from . import checkpointing
+from .config import TrainConfig
+from .train import RESUME_MAY_CHANGE, TrainingError, train
+
+BASELINE = "baseline"
+STUDY_KEYS = {"name", "seeds", "baseline", "variants", "out"}
+NOT_PER_RUN = {"out", "resume", "overwrite", "seed"}  # the study sets these for each run
+
+
+class StudyError(ValueError):
+    """A study file or directory that cannot be run; the message says what to fix."""
+
+
+class StudyInterrupted(RuntimeError):
+    """A run stopped before its last step (Ctrl-C, SIGTERM); re-running the study resumes it."""
+
+
+def load_study(path: str | Path) -> dict:
+    """Read and check a study file: ``{"name", "seeds", "baseline", "variants", "out"}``,
+    every variant's overrides already merged into a full set of TrainConfig keys.
+
+    >>> study = load_study("studies/reference_interventions.toml")  # doctest: +SKIP
+    >>> list(study["variants"])[0]
+    'baseline'
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise StudyError(f"study file {path} is not valid TOML: {e}") from None
+    return resolve_study(raw, default_name=path.stem)
+
+
+def resolve_study(raw: dict, default_name: str = "study") -> dict:
+    """The study as ``load_study`` returns it, from the file's parsed TOML."""
+    unknown = sorted(set(raw) - STUDY_KEYS)
+    if unknown:
+        raise StudyError(f"unknown study keys {unknown}; a study file has {sorted(STUDY_KEYS)}")
+    seeds = raw.get("seeds", [0, 1])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)):
+        raise StudyError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    baseline = _normalise(raw.get("baseline", {}), BASELINE)
+    variants = {BASELINE: {"overrides": {}, "stack": []}}
+    raw_variants = raw.get("variants", {})
+    if not isinstance(raw_variants, dict):
+        raise StudyError("variants must be tables: [variants.NAME] with the keys they override")
+    for name, table in raw_variants.items():
+        if name == BASELINE or not name.replace("_", "").replace("-", "").isalnum():
+            raise StudyError(f"variant name {name!r}: use letters, digits, - and _ (and not 'baseline')")
+        table = dict(table)
+        stack = table.pop("stack", [])
+        missing = [s for s in stack if s not in raw_variants or s == name]
+        if missing:
+            raise StudyError(f"variant {name!r} stacks {missing}, which are not other variants of this study")
+        overrides: dict = {}
+        for part in stack:
+            if raw_variants[part].get("stack"):
+                raise StudyError(f"variant {name!r} stacks {part!r}, which is itself a stack; list its parts instead")
+            overrides = _merge(overrides, _normalise(raw_variants[part], part))
+        variants[name] = {"overrides": _merge(overrides, _normalise(table, name)), "stack": list(stack)}
+    for name, variant in variants.items():
+        variant["config"] = _merge(baseline, variant["overrides"])
+        try:
+            TrainConfig.from_dict(variant["config"]).model_config()  # unknown keys, bad values
+        except (ConfigError, TypeError) as e:
+            raise StudyError(f"variant {name!r}: {e}") from None
+    return {"name": raw.get("name", default_name), "seeds": seeds, "baseline": baseline, "variants": variants,
+            "out": raw.get("out")}
+
+
+def _normalise(table: dict, where: str) -> dict:
+    """TOML has no null: "off" means no clipping for grad_clip, and no dropout."""
+    if not isinstance(table, dict):
+        raise StudyError(f"{where}: expected a table of TrainConfig keys, got {table!r}")
+    table = {k: (dict(v) if k == "model" else v) for k, v in table.items()}
+    bad = sorted(set(table) & NOT_PER_RUN)
+    if bad:
+        raise StudyError(f"{where}: {bad} are set by the study for each run; remove them (use --out for the study directory)")
+    if str(table.get("grad_clip", "")).lower() in ("off", "none"):
+        table["grad_clip"] = None
+    if str(table.get("model", {}).get("dropout", "")).lower() in ("off", "none"):
+        table["model"]["dropout"] = 0.0
+    return table
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = {**base, **overrides}
+    merged["model"] = {**base.get("model", {}), **overrides.get("model", {})}
+    return merged
+
+
+def run_config(study: dict, variant: str, seed: int, study_dir: Path) -> TrainConfig:
+    """The TrainConfig of one run of the study."""
+    settings = {"progress": False, **study["variants"][variant]["config"]}
+    return TrainConfig.from_dict({**settings, "seed": seed, "out": str(run_dir(study_dir, variant, seed))})
+
+
+def run_dir(study_dir: Path, variant: str, seed: int) -> Path:
+    return Path(study_dir) / variant / f"seed_{seed}"
+
+
+def run_state(path: Path) -> str:
+    """``new``, ``finished`` (its final checkpoint exists) or ``interrupted``."""
+    config = path / "config.json"
+    if not config.is_file():
+        return "new"
+    max_steps = json.loads(config.read_text())["max_steps"]
+    steps = [step for step, _ in checkpointing.list_checkpoints(path)]
+    if max_steps in steps:
+        return "finished"
+    return "interrupted" if checkpointing.latest_resumable(path) is not None else "new"
+
+
+def check_unchanged(cfg: TrainConfig, path: Path) -> None:
+    """A run already started must have been started with this study's settings."""
+    saved = json.loads((path / "config.json").read_text())
+    mine = cfg.to_dict()
+    # Keys train() resolves (paths, defaults) are compared only when the study gives them.
+    resolved = {"data", "out", "seq_len", "global_batch_tokens"}
+    may_differ = (RESUME_MAY_CHANGE | resolved) - ({"max_steps"} if cfg.max_tokens is None else set())
+    changed = sorted(k for k in mine if k not in may_differ and saved.get(k) != mine[k])
+    changed += [k for k in ("seq_len", "global_batch_tokens") if mine[k] is not None and saved.get(k) != mine[k]]
+    if changed:
+        raise StudyError(f"{path} was trained with other settings than the study file now gives ({changed}); "
+                         "restore the study file, or run it into a new --out")
+
+
+def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = None, log=print) -> list[tuple]:
+    """Train every (variant, seed) run not yet finished; returns ``(variant, seed, action)``
+    for each, action being ``skipped``, ``resumed`` or ``trained``.
+
+    ``stop_after`` stops the first run that trains after that step, as an interrupt would
+    (for tests); the study then raises ``StudyInterrupted`` like after a Ctrl-C.
+    """
+    study_dir = Path(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    plan = {k: v for k, v in study.items() if k != "out"}
+    checkpointing.atomic_write_text(study_dir / "study.json", json.dumps(plan, indent=2) + "\n")
+    actions = []
+    for variant in study["variants"]:
+        for seed in study["seeds"]:
+            cfg = run_config(study, variant, seed, study_dir)
+            path = Path(cfg.out)
+            state = run_state(path)
+            if state != "new":
+                check_unchanged(cfg, path)
+            if state == "finished":
+                actions.append((variant, seed, "skipped"))
+                continue
+            action = "resumed" if state == "interrupted" else "trained"
+            log(f"study {study['name']}: {'resuming' if state == 'interrupted' else 'training'} {variant} seed {seed} -> {path}")
+            overrides = {"resume": True} if state == "interrupted" else {"overwrite": True}
+            train(TrainConfig.from_dict({**cfg.to_dict(), **overrides}), stop_after=stop_after)
+            stop_after = None
+            actions.append((variant, seed, action))
+            if run_state(path) != "finished":
+                raise StudyInterrupted(f"{variant} seed {seed} stopped before its last step; run the study "
+                                       "again to resume it (finished runs are skipped)")
+    return actions
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.study",
+                                description="Train a baseline and its variants with several seeds each (resumable).")
+    p.add_argument("study", help="study file (TOML): name, seeds, [baseline], [variants.NAME]")
+    p.add_argument("--out", default=None, help="study directory (default: the file's `out`, else runs/study-<name>)")
+    p.add_argument("--dry-run", action="store_true", help="check the study file and print the runs, without training")
+    args = p.parse_args(argv)
+    try:
+        study = load_study(args.study)
+        out = Path(args.out or study["out"] or f"runs/study-{study['name']}")
+        if args.dry_run:
+            for variant, v in study["variants"].items():
+                for seed in study["seeds"]:
+                    state = run_state(run_dir(out, variant, seed))
+                    print(f"{variant:>20} seed {seed}: {state:<11} {json.dumps(v['overrides'])}")
+            return 0
+        actions = run_study(study, out)
+    except StudyInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    except (StudyError, ConfigError, TrainingError, ShardError, CheckpointError, DataPrepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trained = sum(a != "skipped" for *_, a in actions)
+    print(f"study {study['name']}: {trained} runs trained, {len(actions) - trained} already finished, in {out}\n"
+          f"compare them with: python -m analyses.compare_runs {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
