@@ -10,7 +10,7 @@ TOKENS_PER_PARAMETER = 20
 # model config module is written in parallel; keep in step with hooked_gpt2's presets.
 PRESET_PARAMETERS = {
     "gpt2-small": 124_439_808,  # tied embedding and unembedding, as OpenAI's GPT-2
-    "gpt2-small-untied": 163_037_184,  # plus a separate W_U [d_model, d_vocab]
+    "gpt2-small-untied": 163_009_536,  # plus a separate W_U [d_model, d_vocab]
     "gpt2-medium": 354_823_168,
 }
 

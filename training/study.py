@@ -33,6 +33,7 @@ from pathlib import Path
 from data_prep.reader import ShardError
 from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError
+from hooked_gpt2.checkpoint import atomic_write_text
 
 from . import checkpointing
 from .config import TrainConfig
@@ -173,7 +174,7 @@ def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = No
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     plan = {k: v for k, v in study.items() if k != "out"}
-    checkpointing.atomic_write_text(study_dir / "study.json", json.dumps(plan, indent=2) + "\n")
+    atomic_write_text(study_dir / "study.json", json.dumps(plan, indent=2) + "\n")
     actions = []
     for variant in study["variants"]:
         for seed in study["seeds"]:
