@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from hooked_gpt2 import CheckpointError, HookError, HookedGPT2
+from hooked_gpt2.memory import keep_freed_memory
 
 from .common import AnalysisError
 
@@ -67,6 +68,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Call ``main(argv)``; user errors print ``error: ...`` and exit 2, without a traceback."""
+    keep_freed_memory()  # the scripts' 50k-vocabulary logits: reuse memory rather than re-zero it
     try:
         code = main(argv)
     except USER_ERRORS as e:

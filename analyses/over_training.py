@@ -356,9 +356,6 @@ def main(argv=None) -> int:
     p.add_argument("--ablation-method", default="mean", choices=["zero", "mean", "resample"], help="how heads are ablated")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     args = p.parse_args(argv)
-    from training.train import keep_freed_memory
-
-    keep_freed_memory()  # the 50k-vocabulary logits: reuse their memory (as training does)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     results = over_training(args.run_dir, metrics, icl_seq_len=args.icl_seq_len, icl_batch=args.icl_batch,
                             seed=args.seed, ablation_method=args.ablation_method, device=args.device)

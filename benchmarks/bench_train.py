@@ -26,7 +26,8 @@ from hooked_gpt2 import GPT2Config, HookedGPT2  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.distributed import Dist  # noqa: E402
 from training.mfu import flops_per_token, measure_matmul_peak  # noqa: E402
-from training.train import keep_freed_memory, make_autocast, make_optimizer, train_step  # noqa: E402
+from hooked_gpt2.memory import keep_freed_memory  # noqa: E402
+from training.train import make_autocast, make_optimizer, train_step  # noqa: E402
 
 
 # The reference: GPT-2 as plainly as it can be written, with HookedGPT2's parameter names

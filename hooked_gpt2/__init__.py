@@ -3,6 +3,7 @@
 from .checkpoint import CheckpointError
 from .config import ConfigError, GPT2Config
 from .hook_points import HookError, HookPoint
+from .memory import keep_freed_memory
 from .model import HookedGPT2
 from .tokenizer import EOT_TOKEN, get_tokenizer
 
@@ -16,4 +17,5 @@ __all__ = [
     "HookPoint",
     "HookedGPT2",
     "get_tokenizer",
+    "keep_freed_memory",
 ]

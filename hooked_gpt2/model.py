@@ -228,8 +228,13 @@ class HookedGPT2(HookedRootModule):
                 nn.init.normal_(linear.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
 
     def forward(self, tokens: Int[Tensor, "batch pos"], kv_cache=None) -> Float[Tensor, "batch pos d_vocab"]:
-        tokens = self.check_tokens(tokens, past=kv_cache.length if kv_cache is not None else 0)
+        return self.unembed(self.final_residual(tokens, kv_cache))
+
+    def final_residual(self, tokens: Int[Tensor, "batch pos"], kv_cache=None) -> Float[Tensor, "batch pos d_model"]:
+        """Everything but the unembedding: the output of ``ln_final``. Generation uses it to
+        unembed only the last position."""
         past = kv_cache.length if kv_cache is not None else 0
+        tokens = self.check_tokens(tokens, past=past)
         positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         embed = self.hook_embed(self.embed(tokens))
         pos_embed = self.pos_embed(positions).expand_as(embed)  # a view: no copy per batch row
@@ -241,7 +246,7 @@ class HookedGPT2(HookedRootModule):
             resid = block(resid, kv_cache)
         if kv_cache is not None:
             kv_cache.length += tokens.shape[1]
-        return self.unembed(self.ln_final(resid))
+        return self.ln_final(resid)
 
     def loss(self, tokens: Int[Tensor, "batch pos"], per_token: bool = False):
         """Next-token cross-entropy: predicts ``tokens[:, 1:]`` from ``tokens[:, :-1]``.
