@@ -6,7 +6,6 @@ The page inlines circuitsvis's bundle once (see ``analyses.html``); circuitsvis'
 Command line: ``python -m analyses.attention --checkpoint DIR --out DIR --prompt "..." --layers 0,1``.
 """
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 

@@ -11,7 +11,6 @@ Command line: ``python -m analyses.dla --checkpoint DIR --out DIR --prompt ... -
 
 from dataclasses import dataclass
 
-import einops
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int

@@ -14,7 +14,7 @@ import time
 import torch
 
 from analyses.common import logit_diff
-from analyses.patching import Patch, baseline, patches_for, run_patched
+from analyses.patching import baseline, patches_for, run_patched
 from hooked_gpt2 import GPT2Config, HookedGPT2
 
 

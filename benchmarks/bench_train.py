@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,47 +26,7 @@ from training.distributed import Dist  # noqa: E402
 from training.mfu import flops_per_token, measure_matmul_peak  # noqa: E402
 from hooked_gpt2.memory import keep_freed_memory  # noqa: E402
 from training.train import make_autocast, make_optimizer, train_step  # noqa: E402
-
-
-# The reference: GPT-2 as plainly as it can be written, with HookedGPT2's parameter names
-# so the same state dict loads into both.
-class RefBlock(nn.Module):
-    def __init__(self, cfg: GPT2Config):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
-        self.attn.out = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
-        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.mlp = nn.Module()
-        self.mlp.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.mlp.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = self.attn.qkv(self.ln1(x)).view(b, t, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
-        x = x + self.attn.out(z)
-        return x + self.mlp.fc_out(F.gelu(self.mlp.fc_in(self.ln2(x)), approximate="tanh"))
-
-
-class RefGPT2(nn.Module):
-    def __init__(self, cfg: GPT2Config):
-        super().__init__()
-        assert not cfg.attn_only and cfg.dropout == 0 and cfg.tie_embeddings, "the reference covers the demo's shape"
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
-        self.blocks = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.n_layers))
-        self.ln_final = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
-        self.unembed.weight = self.embed.weight
-
-    def forward(self, tokens):
-        x = self.embed(tokens) + self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.unembed(self.ln_final(x))
+from benchmarks.reference_model import RefGPT2  # noqa: E402
 
 
 class RandomBatches:

@@ -87,9 +87,10 @@ def generate_tokens(
             kv_cache = KVCache(
                 model.cfg, tokens.shape[0], tokens.shape[1] + max_new_tokens, tokens.device, model.W_E.dtype
             )
-        # Only the last position is unembedded, through W_U stored [d_model d_vocab]: for one
-        # row a CPU BLAS reads that layout about 3x faster than nn.Linear's [d_vocab d_model],
-        # and with a 50k vocabulary this product is most of a decoding step.
+        # Only the last position is unembedded (the others' logits are never read), through
+        # a copy of W_U stored [d_model d_vocab]: for one row a CPU BLAS streams that layout
+        # 2.7x faster than nn.Linear's [d_vocab d_model] (measured on 50257 x 512), and with
+        # a 50k vocabulary this product is the largest of a decoding step.
         W_U = model.unembed.weight.detach().T.contiguous()
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         out = tokens

@@ -1,6 +1,10 @@
-"""Shared fixtures for the analyses tests: a tiny random GPT-2 (with GPT-2's vocabulary,
-so prompts tokenize) saved as a checkpoint, and the planted induction model."""
+"""Shared fixtures: a tiny random GPT-2 (with GPT-2's vocabulary, so prompts tokenize)
+saved as a checkpoint, the planted induction model, and prepared tiny-shakespeare shards.
 
+Tests never touch the network: the Hugging Face libraries are told they are offline, in
+this process and in every subprocess a test starts."""
+
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,9 @@ import torch
 
 from hooked_gpt2 import GPT2Config, HookedGPT2
 from tests.planted import build_planted_induction_model
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_var] = "1"
 
 
 @pytest.fixture(scope="session")
