@@ -9,13 +9,16 @@ it stands for, and the same for an unbatched loop (one forward pass per patch).
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from analyses.common import logit_diff
-from analyses.patching import baseline, patches_for, run_patched
-from hooked_gpt2 import GPT2Config, HookedGPT2
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from analyses.common import logit_diff  # noqa: E402
+from analyses.patching import baseline, patches_for, run_patched  # noqa: E402
+from hooked_gpt2 import GPT2Config, HookedGPT2, keep_freed_memory  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:
@@ -35,6 +38,7 @@ def main() -> None:
     p.add_argument("--max-copies", type=int, default=32, help="patched runs batched into one forward pass")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (the best is kept)")
     args = p.parse_args()
+    keep_freed_memory()  # as the analysis scripts do: reuse the batched logits' memory
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = HookedGPT2(GPT2Config.preset(args.preset, d_vocab=args.d_vocab)).eval()
