@@ -1,6 +1,7 @@
 """An independent, slow GPT-2 forward for the tests: plain torch, one head at a time,
 read straight from the state dict (the fused ``qkv`` rows ordered q|k|v, head, d_head as
-in Hugging Face's ``c_attn``). It shares no code with ``hooked_gpt2.model``.
+in Hugging Face's ``c_attn``). Its forward shares no code with ``hooked_gpt2.model``;
+``make_model`` builds the small HookedGPT2 the hook and cache tests compare against it.
 
 It records every activation under our hook names and can apply edits at them, so tests
 compare the model's hooks, its cache and hand-written interventions against it.
@@ -9,6 +10,8 @@ compare the model's hooks, its cache and hand-written interventions against it.
 import math
 
 import torch
+
+from hooked_gpt2 import GPT2Config, HookedGPT2
 
 
 def gelu(x: torch.Tensor, act_fn: str) -> torch.Tensor:
@@ -86,3 +89,15 @@ def reference_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     log_probs = logits[:, :-1] - logits[:, :-1].logsumexp(-1, keepdim=True)
     return -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
 
+
+def make_model(**overrides) -> HookedGPT2:
+    # d_head differs from d_model // n_heads so that mixing up the two axes fails.
+    # A large init_std makes attention patterns sharp and edits visible in the logits.
+    cfg = dict(n_layers=3, d_model=32, n_heads=4, d_head=6, d_mlp=40, n_ctx=16, d_vocab=100, init_std=0.3)
+    torch.manual_seed(0)
+    model = HookedGPT2(GPT2Config(**{**cfg, **overrides})).eval()
+    with torch.no_grad():  # non-zero biases and layer-norm weights, so none of them can be dropped silently
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name or name.startswith("ln_final"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model

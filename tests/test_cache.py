@@ -5,21 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hooked_gpt2 import GPT2Config, HookedGPT2, HookError
-from tests.reference_gpt2 import reference_forward
+from hooked_gpt2 import HookedGPT2, HookError
+from tests.reference_gpt2 import make_model, reference_forward
 
 BATCH, POS = 2, 6
-
-
-def make_model(**overrides) -> HookedGPT2:
-    cfg = dict(n_layers=3, d_model=32, n_heads=4, d_head=6, d_mlp=40, n_ctx=16, d_vocab=100, init_std=0.3)
-    torch.manual_seed(0)
-    model = HookedGPT2(GPT2Config(**{**cfg, **overrides})).eval()
-    with torch.no_grad():  # non-zero biases and layer-norm weights, so none can be dropped silently
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or ".ln" in name or name.startswith("ln_final"):
-                param.add_(0.1 * torch.randn_like(param))
-    return model
 
 
 @pytest.fixture(scope="module")
