@@ -90,3 +90,26 @@ def test_errors(model, prompt):
         model.generate(prompt, max_new_tokens=1, top_p=0)
     with pytest.raises(ValueError, match="prompt is empty"):
         model.generate("", max_new_tokens=1)
+
+
+def test_generation_leaves_the_model_as_it_was(model, prompt):
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    model.train()
+    model.generate(prompt, max_new_tokens=3, temperature=0)
+    assert model.training
+    model.eval()
+    assert all("forward" not in vars(m) for m in linears), "decoding's transposed weights must be removed"
+    with pytest.raises(ValueError):
+        model.generate(prompt, max_new_tokens=1, top_k=0)
+    assert all("forward" not in vars(m) for m in linears)
+
+
+def test_hooks_apply_during_generation(model, prompt):
+    seen = []
+
+    def record(resid, hook):
+        seen.append(resid.shape[1])
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", record)]):
+        model.generate(prompt, max_new_tokens=3, temperature=0)
+    assert seen == [7, 1, 1]  # the prompt, then one new position per step (the KV cache)
