@@ -36,6 +36,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode())
 
 
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` under a temporary name, flushed to disk, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def model_state_for_saving(model) -> dict[str, torch.Tensor]:
     """The state dict with tied weights stored once (safetensors refuses shared storage)."""
     state = model.state_dict()
@@ -47,12 +56,7 @@ def model_state_for_saving(model) -> dict[str, torch.Tensor]:
 def save_pretrained(model, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = path / WEIGHTS_NAME
-    tmp = weights.with_name(f".{WEIGHTS_NAME}.tmp-{os.getpid()}")
-    save_file(model_state_for_saving(model), str(tmp), metadata={"format": FORMAT})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, weights)
+    atomic_save_safetensors(model_state_for_saving(model), path / WEIGHTS_NAME, {"format": FORMAT})
     config = {"format": FORMAT, "format_version": 1, **model.cfg.to_dict()}
     atomic_write_text(path / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return path

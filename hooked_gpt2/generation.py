@@ -76,10 +76,10 @@ def weights_stored_in_by_out(model):
     50257 x 512 unembedding, 1.2x over the blocks of an 8-layer d_model 512 model).
     Training's many-row products do not care, so the model keeps nn.Linear's layout.
     """
-    W_U = model.unembed.weight.detach().T.contiguous()
     if model.W_E.device.type != "cpu":
-        yield W_U
+        yield model.W_U.detach()  # GPU libraries read either layout well: no copies
         return
+    W_U = model.unembed.weight.detach().T.contiguous()
     patched = []
     try:
         for module in model.modules():

@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, atomic_write_text, load_state_into, load_weights
+from .checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_text, load_state_into, load_weights
 from .config import ConfigError, GPT2Config
 from .tokenizer import D_VOCAB, EOT_TEXT, EOT_TOKEN, hf_vocab_and_merges
 
@@ -199,10 +198,7 @@ def save_hf(model, path) -> Path:
         )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = path / "model.safetensors"
-    tmp = weights.with_name(".model.safetensors.tmp")
-    save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
-    tmp.replace(weights)
+    atomic_save_safetensors(hf_state_dict(model), path / "model.safetensors", {"format": "pt"})
     atomic_write_text(path / "config.json", json.dumps(hf_config_dict(cfg), indent=2) + "\n")
     generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
     atomic_write_text(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")

@@ -422,18 +422,11 @@ class HookedGPT2(HookedRootModule):
             else:
                 with torch.no_grad():
                     logits = self(tokens)
-        # Keep the forward order of hook names (backward hooks fire in reverse).
-        ordered = {key: store[key] for key in sorted(store, key=self._cache_order)}
+        # Forward order of hook names, then their gradients (backward hooks fire in reverse).
+        order = [*self.hook_dict, *(name + "_grad" for name in self.hook_dict)]
+        ordered = {key: store[key] for key in order if key in store}
         cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim)
         return (logits[0] if remove_batch_dim else logits), cache
-
-    def _cache_order(self, key: str) -> tuple[int, int]:
-        order = self._hook_order if hasattr(self, "_hook_order") else self.__dict__.setdefault(
-            "_hook_order", {name: i for i, name in enumerate(self.hook_dict)}
-        )
-        is_grad = key.endswith("_grad")
-        return is_grad, order[key.removesuffix("_grad")]
-
 
     # Generation.
     def generate(
