@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from hooked_gpt2 import EOT_TOKEN, GPT2Config, HookedGPT2
-from hooked_gpt2.generation import sample_next
+from hooked_gpt2.generation import _SplitRows, sample_next
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_generation_leaves_the_model_as_it_was(model, prompt):
     model.generate(prompt, max_new_tokens=3, temperature=0)
     assert model.training
     model.eval()
-    assert all("forward" not in vars(m) for m in linears), "decoding's transposed weights must be removed"
+    assert all("forward" not in vars(m) for m in linears), "decoding's split products must be removed"
     with pytest.raises(ValueError):
         model.generate(prompt, max_new_tokens=1, top_k=0)
     assert all("forward" not in vars(m) for m in linears)
@@ -113,3 +114,24 @@ def test_hooks_apply_during_generation(model, prompt):
     with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", record)]):
         model.generate(prompt, max_new_tokens=3, temperature=0)
     assert seen == [7, 1, 1]  # the prompt, then one new position per step (the KV cache)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("d_out", [48, 49, 2])
+def test_split_products_equal_f_linear(threads, bias, d_out):
+    """Decoding's batched product over row slices (with the rows that do not divide evenly
+    done apart) is F.linear, for few rows and for the many rows that fall back to it."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, d_out, bias=bias)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        split = _SplitRows(linear)
+    finally:
+        torch.set_num_threads(old)
+    assert split.parts == max(2, threads)
+    for shape in [(1, 1, 24), (4, 1, 24), (2, 3, 24), (5, 24), (3, 40, 24)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(split(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)
+        assert split(x).shape == (*shape[:-1], d_out)
