@@ -70,20 +70,27 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def encode_documents(documents: Iterable[str], workers: int,
-                     tag: Callable[[], Any] = lambda: None) -> Iterator[tuple[np.ndarray, Any]]:
+def encode_documents(documents: Iterable[str], workers: int, tag: Callable[[], Any] = lambda: None,
+                     chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[np.ndarray, Any]]:
     """Each document's tokens, in input order, tokenised by ``workers`` processes, with
     the tag of its chunk (see ``chunk_documents``).
 
     >>> [t.tolist() for t, _ in encode_documents(["Hello world"], workers=1)]
     [[50256, 15496, 995]]
     """
-    for (tokens, lengths), chunk_tag in encode_chunks(chunk_documents(documents, tag), workers):
+    for (tokens, lengths), chunk_tag in encode_chunks(chunk_documents(documents, tag, chunk_chars), workers):
         for doc in np.split(tokens, np.cumsum(lengths)[:-1]):
             yield doc, chunk_tag
 
 
 def encode_chunks(chunks: Iterable[tuple[list[str], Any]], workers: int) -> Iterator[tuple[tuple, Any]]:
+    """Each chunk's ``encode_chunk`` result with its tag, in input order, from ``workers``
+    tokenising processes: this one and ``workers - 1`` children.
+
+    This process reads the input and writes the output, and tokenises a chunk itself
+    whenever the children already have enough queued. On 2 CPUs that makes 2 busy
+    processes, not 2 workers plus a reader competing for 2 CPUs.
+    """
     if workers == 1:
         # No pool: a process hand-off would only add cost.
         yield from ((encode_chunk(chunk), chunk_tag) for chunk, chunk_tag in chunks)
@@ -92,15 +99,42 @@ def encode_chunks(chunks: Iterable[tuple[list[str], Any]], workers: int) -> Iter
     # fork starts workers in milliseconds with the tokenizer already built; spawn (the
     # only choice on macOS / Windows) re-imports everything in each worker.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:
-        # Pool.imap would read the whole input ahead (a streamed dataset in memory);
-        # a bounded window of async calls keeps order and bounds memory.
-        pending = deque()
+    children = workers - 1
+    with multiprocessing.get_context(method).Pool(children, initializer=_ignore_sigint) as pool:
+        # Pool.imap would read the whole input ahead (a streamed dataset in memory); a
+        # bounded window of results keeps order and bounds memory.
+        pending: deque = deque()  # [AsyncResult or _Done, tag, chunk], in input order
         for chunk, chunk_tag in chunks:
-            pending.append((pool.apply_async(encode_chunk, (chunk,)), chunk_tag))
-            if len(pending) >= workers * CHUNKS_IN_FLIGHT_PER_WORKER:
-                result, chunk_tag = pending.popleft()
-                yield result.get(), chunk_tag
+            queued = sum(1 for result, _, _ in pending if not result.ready())
+            if queued < children * CHUNKS_IN_FLIGHT_PER_WORKER:
+                pending.append([pool.apply_async(encode_chunk, (chunk,)), chunk_tag, chunk])
+            else:
+                pending.append([_Done(encode_chunk(chunk)), chunk_tag, chunk])
+            while pending and (pending[0][0].ready() or len(pending) > workers * CHUNKS_IN_FLIGHT_PER_WORKER):
+                result, done_tag, _ = pending.popleft()
+                yield result.get(), done_tag
+        # The input is done. The children work through their queues front to back; this
+        # process takes queued chunks from the back, so that both finish at about the same
+        # time instead of this one waiting for whole queues. (A chunk a child started too
+        # is computed twice; the pool is terminated on the way out.)
         while pending:
-            result, chunk_tag = pending.popleft()
-            yield result.get(), chunk_tag
+            if not pending[0][0].ready():
+                behind = [entry for entry in list(pending)[1:] if not entry[0].ready()]
+                if behind:
+                    behind[-1][0] = _Done(encode_chunk(behind[-1][2]))
+                    continue
+            result, done_tag, _ = pending.popleft()
+            yield result.get(), done_tag
+
+
+class _Done:
+    """A result computed in this process, with AsyncResult's ``ready`` and ``get``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self):
+        return self.value

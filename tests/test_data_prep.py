@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_prep.encode import encode_document
+from data_prep import encode
+from data_prep.encode import encode_document, encode_documents
 from data_prep.prepare import DataPrepError, ensure_default_data, main, prepare
 from data_prep.reader import BatchLoader, ShardError, TokenDataset
 from data_prep.shards import HEADER_BYTES, MAGIC, file_sha256
@@ -198,6 +199,27 @@ def test_one_and_two_workers_give_identical_bytes(reference, tmp_path):
     out = prepare("python-stdlib", tmp_path / "out", max_tokens=150_000, val_tokens=20_000,
                   shard_tokens=20_000, workers=2, **QUIET)
     assert all_files(out) == all_files(reference)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_parallel_encoding_keeps_order_when_this_process_shares_the_work(monkeypatch, workers):
+    """With many small chunks this process tokenises some itself while the children hold
+    others; every document still comes back in input order with its chunk's tag."""
+    inline, done = [], encode._Done
+
+    class Counted(done):
+        def __init__(self, value):
+            inline.append(1)
+            super().__init__(value)
+
+    monkeypatch.setattr(encode, "_Done", Counted)
+    docs = [f"document {i}: " + "word " * (i % 37) for i in range(400)]
+    counter = iter(range(10**6))
+    got = list(encode_documents(docs, workers, tag=lambda: next(counter), chunk_chars=200))
+    want = list(encode_documents(docs, 1, tag=iter(range(10**6)).__next__, chunk_chars=200))
+    assert [t.tolist() for t, _ in got] == [encode_document(d).tolist() for d in docs]
+    assert [tag for _, tag in got] == [tag for _, tag in want]
+    assert inline, "this process never tokenised a chunk itself"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
