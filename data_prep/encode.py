@@ -2,17 +2,21 @@
 
 Each document becomes ``[EOT] + encode_ordinary(text)``. Documents travel to the
 workers in chunks of about ``CHUNK_CHARS`` characters and come back in the order they
-were sent, so the output is the same whatever the number of workers.
+were sent, so the output is the same whatever the number of workers. A whole-file
+document (``FileText``) travels as its path: the worker reads it, and reports what
+reading it found (an empty file, undecodable bytes) with the chunk's tokens.
 """
 
 import multiprocessing
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from data_prep.sources import FileText, SourceStats
 from hooked_gpt2.tokenizer import EOT_TOKEN, get_tokenizer
 
 # Large enough that pickling and process hand-offs are noise next to tokenising a chunk,
@@ -39,24 +43,35 @@ def encode_document(text: str) -> np.ndarray:
     return tokens
 
 
-def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """All tokens of a chunk of documents, concatenated, and each document's length."""
-    docs = [encode_document(text) for text in texts]
-    return np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64)
+def encode_chunk(documents: list[str | FileText]) -> tuple[np.ndarray, np.ndarray, SourceStats]:
+    """All tokens of a chunk of documents, concatenated; each document's length; and what
+    reading its files found. An empty document is skipped (it would be a lone EOT)."""
+    stats = SourceStats()
+    docs = []
+    for doc in documents:
+        text = doc.read(stats) if isinstance(doc, FileText) else doc
+        if text:
+            docs.append(encode_document(text))
+        else:
+            stats.empty_documents += 1
+    if not docs:
+        return np.empty(0, dtype=np.uint16), np.empty(0, dtype=np.int64), stats
+    return np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64), stats
 
 
-def chunk_documents(documents: Iterable[str], tag: Callable[[], Any] = lambda: None,
-                    chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[list[str], Any]]:
-    """Chunks of about ``chunk_chars`` characters, each with ``tag()`` taken as it closes.
+def chunk_documents(documents: Iterable[str | FileText], tag: Callable[[], Any] = lambda: None,
+                    chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[list[str | FileText], Any]]:
+    """Chunks of about ``chunk_chars`` characters (a file counts its bytes), each with
+    ``tag()`` taken as it closes.
 
     Chunk boundaries depend only on the documents, so the tags (the reader's counters
     at that point) are the same whatever the number of workers or how far ahead the
     workers have read.
     """
     chunk, size = [], 0
-    for text in documents:
-        chunk.append(text)
-        size += len(text)
+    for doc in documents:
+        chunk.append(doc)
+        size += doc.size if isinstance(doc, FileText) else len(doc)
         if size >= chunk_chars:
             yield chunk, tag()
             chunk, size = [], 0
@@ -70,20 +85,24 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def encode_documents(documents: Iterable[str], workers: int, tag: Callable[[], Any] = lambda: None,
-                     chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[np.ndarray, Any]]:
-    """Each document's tokens, in input order, tokenised by ``workers`` processes, with
-    the tag of its chunk (see ``chunk_documents``).
+def encode_documents(documents: Iterable[str | FileText], workers: int,
+                     tag: Callable[[], SourceStats] = SourceStats, chunk_chars: int = CHUNK_CHARS,
+                     ) -> Iterator[tuple[list[np.ndarray], SourceStats]]:
+    """Chunk by chunk, in input order: the tokens of each non-empty document, tokenised by
+    ``workers`` processes, and the source's counters as of the end of the chunk. Those
+    are ``tag()`` taken as the chunk closed (what this process's reading found) plus what
+    reading files found in the workers, for this chunk and every earlier one.
 
-    >>> [t.tolist() for t, _ in encode_documents(["Hello world"], workers=1)]
-    [[50256, 15496, 995]]
+    >>> [[t.tolist() for t in docs] for docs, _ in encode_documents(["Hello world"], workers=1)]
+    [[[50256, 15496, 995]]]
     """
-    for (tokens, lengths), chunk_tag in encode_chunks(chunk_documents(documents, tag, chunk_chars), workers):
-        for doc in np.split(tokens, np.cumsum(lengths)[:-1]):
-            yield doc, chunk_tag
+    found_by_workers = SourceStats()
+    for (tokens, lengths, stats), chunk_tag in encode_chunks(chunk_documents(documents, tag, chunk_chars), workers):
+        found_by_workers = found_by_workers.plus(stats)
+        yield np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else [], chunk_tag.plus(found_by_workers)
 
 
-def encode_chunks(chunks: Iterable[tuple[list[str], Any]], workers: int) -> Iterator[tuple[tuple, Any]]:
+def encode_chunks(chunks: Iterable[tuple[list[str | FileText], Any]], workers: int) -> Iterator[tuple[tuple, Any]]:
     """Each chunk's ``encode_chunk`` result with its tag, in input order, from ``workers``
     tokenising processes: this one and ``workers - 1`` children.
 
@@ -100,7 +119,8 @@ def encode_chunks(chunks: Iterable[tuple[list[str], Any]], workers: int) -> Iter
     # only choice on macOS / Windows) re-imports everything in each worker.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     children = workers - 1
-    with multiprocessing.get_context(method).Pool(children, initializer=_ignore_sigint) as pool:
+    pool = multiprocessing.get_context(method).Pool(children, initializer=_ignore_sigint)
+    try:
         # Pool.imap would read the whole input ahead (a streamed dataset in memory); a
         # bounded window of results keeps order and bounds memory.
         pending: deque = deque()  # [AsyncResult or _Done, tag, chunk], in input order
@@ -125,6 +145,12 @@ def encode_chunks(chunks: Iterable[tuple[list[str], Any]], workers: int) -> Iter
                     continue
             result, done_tag, _ = pending.popleft()
             yield result.get(), done_tag
+    except BaseException:  # an error, Ctrl-C, or the consumer closing this generator early
+        pool.terminate()
+        raise
+    # Stopping the pool joins its threads and children (about 10 ms): let that overlap
+    # the caller's writing of the last shard.
+    threading.Thread(target=pool.terminate, daemon=True).start()
 
 
 class _Done:

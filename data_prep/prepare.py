@@ -32,7 +32,7 @@ from data_prep.shards import (
     HEADER_INT32, MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, ShardWriter, atomic_write,
     remove_shards_except, remove_temporaries, shard_size,
 )
-from data_prep.sources import TXT_DOCS, DataPrepError, Source, TextOptions, resolve_source
+from data_prep.sources import TXT_DOCS, DataPrepError, Source, SourceStats, TextOptions, resolve_source
 from data_prep.summary import format_summary
 from hooked_gpt2.tokenizer import D_VOCAB, EOT_TOKEN, tokenizer_sha256
 
@@ -204,24 +204,28 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
     n_docs, stats, cut = 0, src.stats, False
     # Counters come with each chunk, not from src.stats at the end: the reader runs
     # ahead of the workers by an amount that depends on their number.
-    with contextlib.closing(encode_documents(src.documents, workers, src.stats.snapshot)) as docs, meter:
-        for tokens, stats in docs:
-            if val.tokens < val_tokens and n_docs % val_every == 0:
-                val.add(tokens)
-                val.documents += 1
-            elif max_tokens is None or train.tokens < max_tokens:
-                room = len(tokens) if max_tokens is None else max_tokens - train.tokens
-                cut = room < len(tokens)
-                train.add(tokens[:room])
-                train.documents += 1
-            n_docs += 1
-            meter.update(len(tokens))
-            if max_tokens is not None and train.tokens >= max_tokens and val.tokens >= val_tokens:
-                break  # closing the generator stops the workers
+    with contextlib.closing(encode_documents(src.documents, workers, src.stats.snapshot)) as chunks, meter:
+        for docs, stats in chunks:
+            for tokens in docs:
+                if val.tokens < val_tokens and n_docs % val_every == 0:
+                    val.add(tokens)
+                    val.documents += 1
+                elif max_tokens is None or train.tokens < max_tokens:
+                    room = len(tokens) if max_tokens is None else max_tokens - train.tokens
+                    cut = room < len(tokens)
+                    train.add(tokens[:room])
+                    train.documents += 1
+                n_docs += 1
+                meter.update(len(tokens))
+                if max_tokens is not None and train.tokens >= max_tokens and val.tokens >= val_tokens:
+                    break
+            else:
+                continue
+            break  # both splits are full: closing the generator stops the workers
     train.flush()
     val.flush()
     if train.tokens == 0:
-        raise empty_corpus_error(options["source"], n_docs, src)
+        raise empty_corpus_error(options["source"], n_docs, stats)
     return {
         "format": FORMAT,
         "package_version": package_version(),
@@ -245,9 +249,9 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
     }
 
 
-def empty_corpus_error(source: str, n_docs: int, src: Source) -> DataPrepError:
+def empty_corpus_error(source: str, n_docs: int, stats: SourceStats) -> DataPrepError:
     if n_docs == 0:
-        skipped = src.stats.empty_documents + src.stats.filtered_documents
+        skipped = stats.empty_documents + stats.filtered_documents
         return DataPrepError(f"{source} holds no documents to train on"
                              f"{f' ({skipped} empty or filtered out)' if skipped else ''}")
     return DataPrepError(f"all {n_docs} document(s) of {source} went to the validation split, which holds "

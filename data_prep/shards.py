@@ -6,6 +6,7 @@ count, then zeros) followed by the tokens as little-endian uint16. The same layo
 llm.c's ``dev/data/data_common.py``, so its tooling can read our shards and we theirs.
 """
 
+import concurrent.futures
 import hashlib
 import os
 import re
@@ -76,13 +77,23 @@ def write_shard(path: Path, tokens: np.ndarray) -> str:
     """
     header = make_header(len(tokens))
     tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
+    if path.exists() and path.stat().st_size == shard_size(len(tokens)):
+        sha = tokens_sha256(header, tokens)
+        if file_sha256(path) == sha:
+            return sha
+    # Hash in a thread while the bytes are written and flushed to disk: hashlib and
+    # the file calls both release the GIL, so the two overlap.
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        sha = executor.submit(tokens_sha256, header, tokens)
+        atomic_write(path, [header.tobytes(), memoryview(tokens).cast("B")])
+        return sha.result()
+
+
+def tokens_sha256(header: np.ndarray, tokens: np.ndarray) -> str:
+    """The sha256 of the shard file that ``header`` and ``tokens`` make."""
     digest = hashlib.sha256(header.tobytes())
     digest.update(memoryview(tokens).cast("B"))
-    sha = digest.hexdigest()
-    if path.exists() and path.stat().st_size == shard_size(len(tokens)) and file_sha256(path) == sha:
-        return sha
-    atomic_write(path, [header.tobytes(), memoryview(tokens).cast("B")])
-    return sha
+    return digest.hexdigest()
 
 
 def atomic_write(path: Path, parts: list) -> None:

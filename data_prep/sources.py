@@ -2,8 +2,9 @@
 interpreter, FineWeb-edu and other Hugging Face datasets, and local ``.txt``,
 ``.jsonl`` / ``.json`` and ``.parquet`` files.
 
-A source is an iterator of document strings in a fixed order, so the same source gives
-the same token stream on every run and every machine.
+A source is an iterator of documents in a fixed order, so the same source gives the
+same token stream on every run and every machine. A document is a string, or a
+``FileText``: a whole file, read by whichever process tokenises it.
 """
 
 import dataclasses
@@ -50,6 +51,28 @@ class SourceStats:
     def snapshot(self) -> "SourceStats":
         return dataclasses.replace(self, examples_with_replacements=list(self.examples_with_replacements))
 
+    def plus(self, other: "SourceStats") -> "SourceStats":
+        """Both counts together (this one's examples first)."""
+        return SourceStats(
+            self.empty_documents + other.empty_documents,
+            self.filtered_documents + other.filtered_documents,
+            self.replaced_characters + other.replaced_characters,
+            self.files_with_replacements + other.files_with_replacements,
+            (self.examples_with_replacements + other.examples_with_replacements)[:MAX_EXAMPLES],
+        )
+
+
+@dataclass(frozen=True)
+class FileText:
+    """A whole text file as one document, read where it is tokenised: a worker process
+    reads it from disk itself, instead of this process reading it and sending the text."""
+
+    path: Path
+    size: int  # bytes: how much of a chunk it fills
+
+    def read(self, stats: SourceStats) -> str:
+        return read_text(self.path, stats)
+
 
 @dataclass
 class Source:
@@ -82,8 +105,7 @@ def resolve_source(source: str, *, config: str | None = None, data_files: str | 
         root = Path(sysconfig.get_paths()["stdlib"])
         files = stdlib_files(root)
         info = {"stdlib": str(root), "python": sys.version.split()[0], "files": len(files)}
-        docs = nonempty((read_text(path, stats) for path in files), stats)
-        return Source("python-stdlib", info, docs, stats)
+        return Source("python-stdlib", info, file_texts(files), stats)
     if source == "fineweb-edu":
         if data_files:
             return hf_source("parquet", None, local_files(data_files, (".parquet",), "--data-files"), opts, stats)
@@ -137,13 +159,23 @@ def local_files(pattern: str, suffixes: tuple[str, ...] | None, flag: str = "--s
 
 def local_documents(files: list[Path], opts: TextOptions, stats: SourceStats) -> Iterator[str]:
     for path in files:
-        if path.suffix == ".txt":
-            text = read_text(path, stats)
-            yield from nonempty(paragraphs(text) if opts.txt_docs == "paragraph" else [text], stats)
+        if path.suffix == ".txt" and opts.txt_docs == "file":
+            yield from file_texts([path])
+        elif path.suffix == ".txt":
+            yield from nonempty(paragraphs(read_text(path, stats)), stats)
         elif path.suffix == ".parquet":
             yield from parquet_documents(path, opts, stats)
         else:
             yield from json_documents(path, opts, stats)
+
+
+def file_texts(files: list[Path]) -> Iterator[FileText]:
+    for path in files:
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            raise DataPrepError(f"cannot read {path}: {err.strerror}") from None
+        yield FileText(path, size)
 
 
 def nonempty(texts: Iterable[str], stats: SourceStats) -> Iterator[str]:
@@ -176,7 +208,11 @@ def decode(data: bytes, where: str, stats: SourceStats) -> str:
 
 
 def read_text(path: Path, stats: SourceStats) -> str:
-    return decode(path.read_bytes(), str(path), stats)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataPrepError(f"cannot read {path}: {err.strerror}") from None
+    return decode(data, str(path), stats)
 
 
 def record_text(record: dict, where: str, opts: TextOptions, stats: SourceStats) -> str | None:

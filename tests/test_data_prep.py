@@ -22,6 +22,7 @@ from data_prep import encode
 from data_prep.encode import encode_document, encode_documents
 from data_prep.prepare import DataPrepError, ensure_default_data, main, prepare
 from data_prep.reader import BatchLoader, ShardError, TokenDataset
+from data_prep.sources import FileText, SourceStats
 from data_prep.shards import HEADER_BYTES, MAGIC, file_sha256
 from hooked_gpt2.tokenizer import EOT_TOKEN, get_tokenizer, tokenizer_sha256
 
@@ -202,9 +203,11 @@ def test_one_and_two_workers_give_identical_bytes(reference, tmp_path):
 
 
 @pytest.mark.parametrize("workers", [2, 3])
-def test_parallel_encoding_keeps_order_when_this_process_shares_the_work(monkeypatch, workers):
+def test_parallel_encoding_keeps_order_when_this_process_shares_the_work(monkeypatch, tmp_path, workers):
     """With many small chunks this process tokenises some itself while the children hold
-    others; every document still comes back in input order with its chunk's tag."""
+    others, and files are read by whichever process tokenises them; every document still
+    comes back in input order, and each chunk's counters add what this process saw when
+    the chunk closed to what the workers found reading files (here: empty files)."""
     inline, done = [], encode._Done
 
     class Counted(done):
@@ -213,12 +216,26 @@ def test_parallel_encoding_keeps_order_when_this_process_shares_the_work(monkeyp
             super().__init__(value)
 
     monkeypatch.setattr(encode, "_Done", Counted)
-    docs = [f"document {i}: " + "word " * (i % 37) for i in range(400)]
-    counter = iter(range(10**6))
-    got = list(encode_documents(docs, workers, tag=lambda: next(counter), chunk_chars=200))
-    want = list(encode_documents(docs, 1, tag=iter(range(10**6)).__next__, chunk_chars=200))
-    assert [t.tolist() for t, _ in got] == [encode_document(d).tolist() for d in docs]
-    assert [tag for _, tag in got] == [tag for _, tag in want]
+    texts = [f"document {i}: " + "word " * (i % 37) if i % 50 else "" for i in range(400)]
+    docs = []
+    for i, text in enumerate(texts):
+        if i % 3:
+            docs.append(text)
+        else:
+            (tmp_path / f"{i}.txt").write_text(text)
+            docs.append(FileText(tmp_path / f"{i}.txt", len(text)))
+    closed = SourceStats()
+
+    def tag():  # what this process "saw" by the time a chunk closed: one filtered doc per chunk
+        closed.filtered_documents += 1
+        return closed.snapshot()
+
+    got = list(encode_documents([d for d in docs if d != ""], workers, tag=tag, chunk_chars=200))
+    tokens = [t.tolist() for chunk, _ in got for t in chunk]
+    assert tokens == [encode_document(t).tolist() for t in texts if t]
+    counters = [stats for _, stats in got]
+    assert [c.filtered_documents for c in counters] == list(range(1, len(got) + 1))
+    assert counters[-1].empty_documents == sum(1 for i, t in enumerate(texts) if not t and i % 3 == 0)
     assert inline, "this process never tokenised a chunk itself"
 
 
@@ -391,7 +408,8 @@ def empty_corpus(path: Path) -> str:
 
 @pytest.mark.parametrize("make_source, extra, message", [
     (lambda d: str(d / "missing"), [], "does not exist"),
-    (lambda d: empty_corpus(d / "empty"), [], "no documents"),
+    (lambda d: empty_corpus(d / "empty"), [], "no documents to train on (2 empty or filtered out)"),
+    (lambda d: empty_corpus(d / "empty"), ["--workers", "2"], "no documents to train on (2 empty or filtered out)"),
     (lambda d: str(write_jsonl(d / "x.jsonl", [{"content": "hi"}])), [], "no 'text' field"),
     (lambda d: str(write_parquet(d / "x.parquet", [{"body": "hi"}])), [], "no column 'text'"),
     (lambda d: str(write_jsonl(d / "x.jsonl", [{"text": "hi"}])), ["--shard-tokens", "0"], "--shard-tokens"),
@@ -406,11 +424,12 @@ def test_bad_input_is_one_clear_error_and_leaves_no_output(tmp_path, capsys, mak
     assert not out.exists()
 
 
-def test_undecodable_bytes_are_replaced_and_counted(tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["1", "2"])  # with 2, a worker process reads the file
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path, capsys, workers):
     (tmp_path / "latin1.txt").write_bytes("café au lait, naïve".encode("latin-1"))
     out = tmp_path / "out"
     code, stdout, _ = run_main(["--source", str(tmp_path / "latin1.txt"), "--out", str(out),
-                                "--val-tokens", "0"], capsys)
+                                "--val-tokens", "0", "--workers", workers], capsys)
     assert code == 0 and "replaced 2 undecodable" in stdout
     assert split_docs(out, "train") == ["caf\ufffd au lait, na\ufffdve"]
     assert json.loads((out / "manifest.json").read_text())["source_stats"]["replaced_characters"] == 2
