@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=DEFAULT_VAL_EVERY,
                    help=f"send every Nth document to validation until it is full (default {DEFAULT_VAL_EVERY})")
     p.add_argument("--workers", type=int, default=None,
-                   help="tokeniser processes (default: the CPUs available); output does not depend on it")
+                   help="tokenising processes, this one included (default: the CPUs available); "
+                        "output does not depend on it")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--force", action="store_true", help="rebuild even if --out holds finished output")
