@@ -22,7 +22,9 @@ from hooked_gpt2.tokenizer import EOT_TOKEN, get_tokenizer
 # Large enough that pickling and process hand-offs are noise next to tokenising a chunk,
 # small enough that a few chunks in flight per worker stay a few megabytes.
 CHUNK_CHARS = 1 << 18
-CHUNKS_IN_FLIGHT_PER_WORKER = 3
+# Queued per child so that it never waits for work; at the end this process takes queued
+# chunks back from the tail, so a deeper queue costs nothing there.
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
 
 
 def encode_document(text: str) -> np.ndarray:
