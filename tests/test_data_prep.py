@@ -239,6 +239,14 @@ def test_parallel_encoding_keeps_order_when_this_process_shares_the_work(monkeyp
     assert inline, "this process never tokenised a chunk itself"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_file_gone_before_its_worker_reads_it_is_a_clear_error(tmp_path, workers):
+    (tmp_path / "a.txt").write_text("here")
+    docs = [FileText(tmp_path / "a.txt", 4), FileText(tmp_path / "gone.txt", 4)]
+    with pytest.raises(DataPrepError, match=r"cannot read .*gone\.txt: No such file"):
+        list(encode_documents(docs, workers))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_run_leaves_no_false_shard_and_rerun_completes_identically(reference, tmp_path, sig):
     out = tmp_path / "out"
