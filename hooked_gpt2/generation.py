@@ -108,7 +108,8 @@ class _SplitRows:
         d_out, d_in = self.weight.shape
         self.parts = max(2, torch.get_num_threads())
         self.split = d_out - d_out % self.parts  # the rows the slices hold; the rest go alone
-        self.slices = self.weight[: self.split].view(self.parts, -1, d_in)
+        # A view of a contiguous weight (as nn.Linear makes); a copy only of one that is not.
+        self.slices = self.weight[: self.split].reshape(self.parts, -1, d_in)
 
     def linear(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
