@@ -78,7 +78,7 @@ class FileText:
 class Source:
     kind: str  # "python-stdlib", "hf" or "local"
     info: dict  # what the manifest records about where the data came from
-    documents: Iterator[str]
+    documents: Iterator["str | FileText"]
     stats: SourceStats
 
 
@@ -157,7 +157,7 @@ def local_files(pattern: str, suffixes: tuple[str, ...] | None, flag: str = "--s
     return files
 
 
-def local_documents(files: list[Path], opts: TextOptions, stats: SourceStats) -> Iterator[str]:
+def local_documents(files: list[Path], opts: TextOptions, stats: SourceStats) -> Iterator[str | FileText]:
     for path in files:
         if path.suffix == ".txt" and opts.txt_docs == "file":
             yield from file_texts([path])
