@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import interleaved_medians, interleaved_times, paired_ratio, reset_peak_rss, rss_kib  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    interleaved_medians, interleaved_times, paired_ratio, reset_peak_rss, rss_kib,
+)
 from benchmarks.reference_model import RefGPT2  # noqa: E402
 from hooked_gpt2 import GPT2Config, HookedGPT2, keep_freed_memory  # noqa: E402
 
@@ -102,7 +104,8 @@ def main() -> None:
         )
         t = {name: statistics.median(ts) for name, ts in times.items()}
         print(f"1. forward+backward, no hooks: HookedGPT2 {t['ours'] * 1e3:.0f} ms, hook-free reference "
-              f"{t['ref'] * 1e3:.0f} ms (medians); median ratio within a round {paired_ratio(times, 'ours', 'ref'):.3f} "
+              f"{t['ref'] * 1e3:.0f} ms (medians); median ratio within a round "
+              f"{paired_ratio(times, 'ours', 'ref'):.3f} "
               "(target <= 1.03)")
 
     # 2. Inference against transformers.
