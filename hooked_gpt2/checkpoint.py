@@ -62,6 +62,17 @@ def save_pretrained(model, path: str | Path) -> Path:
     return path
 
 
+def read_json(file: Path, missing: str, damaged: str = ""):
+    """The JSON in ``file``; a CheckpointError naming the file when it is missing (followed
+    by ``missing``) or is not JSON (followed by ``damaged``)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: {missing}")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}){damaged}") from None
+
+
 def load_config(path: str | Path) -> GPT2Config:
     path = Path(path)
     if not path.is_dir():
@@ -70,12 +81,8 @@ def load_config(path: str | Path) -> GPT2Config:
             f"and {WEIGHTS_NAME}, as written by model.save_pretrained()"
         )
     config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file} is missing: {path} is not a complete checkpoint")
-    try:
-        data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_file} is not valid JSON ({e}); the checkpoint is damaged") from None
+    data = read_json(config_file, missing=f"{path} is not a complete checkpoint",
+                     damaged="; the checkpoint is damaged")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(
             f"{config_file} is not a hooked-gpt2 config (no \"format\": \"{FORMAT}\"); "

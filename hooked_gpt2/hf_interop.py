@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_text, load_state_into, load_weights
+from .checkpoint import (
+    CheckpointError, atomic_save_safetensors, atomic_write_text, load_state_into, load_weights, read_json,
+)
 from .config import ConfigError, GPT2Config
 from .tokenizer import D_VOCAB, EOT_TEXT, EOT_TOKEN, hf_vocab_and_merges
 
@@ -99,13 +101,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[st
 def from_hf(cls, dir_or_model, device=None, dtype=None):
     if isinstance(dir_or_model, (str, Path)):
         path = Path(dir_or_model)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{config_file} is missing: {path} is not a Hugging Face model directory")
-        try:
-            hf_config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+        hf_config = read_json(path / "config.json", missing=f"{path} is not a Hugging Face model directory")
         cfg = config_from_hf(hf_config, path)
         hf_state, source = read_hf_weights(path), path
     else:

@@ -105,6 +105,10 @@ def test_exported_tokenizer_matches_ours(tmp_path):
 def test_from_hf_errors(tmp_path):
     with pytest.raises(CheckpointError, match="config.json is missing"):
         HookedGPT2.from_hf(tmp_path)
+    for damaged in [b"{not json", b"\xff\xfe binary"]:
+        (tmp_path / "config.json").write_bytes(damaged)
+        with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+            HookedGPT2.from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError, match="not GPT-2"):
         HookedGPT2.from_hf(tmp_path)
