@@ -57,31 +57,6 @@ def package_version() -> str:
             return "0.1.0"
 
 
-def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
-            val_tokens: int = DEFAULT_VAL_TOKENS, val_every: int = DEFAULT_VAL_EVERY,
-            workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, force: bool = False,
-            text_column: str = "text", config: str | None = None, min_int_score: int | None = None,
-            data_files: str | None = None, txt_docs: str = "file", progress: bool = True,
-            log=print) -> Path:
-    """Tokenise ``source`` into shards under ``out`` and return ``out``.
-
-    ``source`` is ``python-stdlib``, ``fineweb-edu``, ``hf:NAME[:CONFIG]`` or a local
-    file, directory or glob of ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files.
-    Raises DataPrepError for anything the user can fix.
-
-    >>> out = prepare("python-stdlib", "/tmp/stdlib-demo", max_tokens=50_000,
-    ...               val_tokens=5_000, progress=False, log=lambda *a: None)
-    >>> sorted(p.name for p in out.iterdir())
-    ['manifest.json', 'train_000000.bin', 'val_000000.bin']
-    """
-    with gc_skips_existing_objects():
-        return _prepare(source, Path(out), max_tokens=max_tokens, val_tokens=val_tokens, val_every=val_every,
-                        workers=workers if workers is not None else default_workers(),
-                        shard_tokens=shard_tokens, force=force, text_column=text_column, config=config,
-                        min_int_score=min_int_score, data_files=data_files, txt_docs=txt_docs,
-                        progress=progress, log=log)
-
-
 @contextlib.contextmanager
 def gc_skips_existing_objects():
     """Keep the objects that exist now out of Python's cyclic garbage collector until the
@@ -102,14 +77,32 @@ def gc_skips_existing_objects():
         gc.unfreeze()
 
 
-def _prepare(source: str, out: Path, *, max_tokens, val_tokens, val_every, workers, shard_tokens, force,
-             text_column, config, min_int_score, data_files, txt_docs, progress, log) -> Path:
+@gc_skips_existing_objects()
+def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
+            val_tokens: int = DEFAULT_VAL_TOKENS, val_every: int = DEFAULT_VAL_EVERY,
+            workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, force: bool = False,
+            text_column: str = "text", config: str | None = None, min_int_score: int | None = None,
+            data_files: str | None = None, txt_docs: str = "file", progress: bool = True,
+            log=print) -> Path:
+    """Tokenise ``source`` into shards under ``out`` and return ``out``.
+
+    ``source`` is ``python-stdlib``, ``fineweb-edu``, ``hf:NAME[:CONFIG]`` or a local
+    file, directory or glob of ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files.
+    Raises DataPrepError for anything the user can fix.
+
+    >>> out = prepare("python-stdlib", "/tmp/stdlib-demo", max_tokens=50_000,
+    ...               val_tokens=5_000, progress=False, log=lambda *a: None)
+    >>> sorted(p.name for p in out.iterdir())
+    ['manifest.json', 'train_000000.bin', 'val_000000.bin']
+    """
+    workers = workers if workers is not None else default_workers()
     options = {
         "source": source, "max_tokens": max_tokens, "val_tokens": val_tokens, "val_every": val_every,
         "shard_tokens": shard_tokens, "text_column": text_column, "config": config,
         "min_int_score": min_int_score, "data_files": data_files, "txt_docs": txt_docs,
     }
     check_options(options, workers)
+    out = Path(out)
     if (out / MANIFEST).exists() and not force and is_complete(out, options, log):
         log(f"{out} is already complete ({MANIFEST} matches these options): nothing to do; "
             "pass --force to rebuild")
@@ -204,6 +197,9 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
     n_docs, stats, cut = 0, src.stats, False
     # Counters come with each chunk, not from src.stats at the end: the reader runs
     # ahead of the workers by an amount that depends on their number.
+    def full() -> bool:
+        return max_tokens is not None and train.tokens >= max_tokens and val.tokens >= val_tokens
+
     with contextlib.closing(encode_documents(src.documents, workers, src.stats.snapshot)) as chunks, meter:
         for docs, stats in chunks:
             for tokens in docs:
@@ -217,11 +213,10 @@ def write_splits(src: Source, out: Path, options: dict, workers: int, progress: 
                     train.documents += 1
                 n_docs += 1
                 meter.update(len(tokens))
-                if max_tokens is not None and train.tokens >= max_tokens and val.tokens >= val_tokens:
+                if full():
                     break
-            else:
-                continue
-            break  # both splits are full: closing the generator stops the workers
+            if full():
+                break  # closing the generator stops the workers
     train.flush()
     val.flush()
     if train.tokens == 0:
