@@ -17,7 +17,6 @@ Run: python benchmarks/bench_model.py [--repeats N] [--threads N] [--only 1 2 3 
 
 import argparse
 import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    interleaved_medians, interleaved_times, paired_ratio, reset_peak_rss, rss_kib,
+    interleaved_medians, interleaved_times, medians, paired_ratio, reset_peak_rss, rss_kib,
 )
 from benchmarks.reference_model import RefGPT2  # noqa: E402
 from hooked_gpt2 import GPT2Config, HookedGPT2, keep_freed_memory  # noqa: E402
@@ -102,10 +101,10 @@ def main() -> None:
         times = interleaved_times(
             {"ours": fwd_bwd(model, tokens), "ref": fwd_bwd(ref, tokens)}, args.repeats, until_steady=10
         )
-        t = {name: statistics.median(ts) for name, ts in times.items()}
+        t = medians(times)
         print(f"1. forward+backward, no hooks: HookedGPT2 {t['ours'] * 1e3:.0f} ms, hook-free reference "
               f"{t['ref'] * 1e3:.0f} ms (medians); median ratio within a round "
-              f"{paired_ratio(times, 'ours', 'ref'):.3f} "
+              f"{paired_ratio(times['ours'], times['ref']):.3f} "
               "(target <= 1.03)")
 
     # 2. Inference against transformers.
@@ -118,9 +117,9 @@ def main() -> None:
         assert (hf(x).logits - model(x)).abs().max() < 1e-4
         if 2 in only:
             times = interleaved_times({"ours": lambda: model(x), "hf": lambda: hf(x).logits}, args.repeats)
-            t = {name: statistics.median(ts) for name, ts in times.items()}
+            t = medians(times)
             print(f"2. inference, no hooks: HookedGPT2 {t['ours'] * 1e3:.0f} ms, transformers {t['hf'] * 1e3:.0f} "
-                  f"ms (medians); median speed ratio within a round {paired_ratio(times, 'hf', 'ours'):.3f}x "
+                  f"ms (medians); median speed ratio within a round {paired_ratio(times['hf'], times['ours']):.3f}x "
                   "(target >= 1.0)")
 
     # 3. run_with_cache of every hook against the plain forward.

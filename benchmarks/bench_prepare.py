@@ -16,7 +16,6 @@ import json
 import multiprocessing
 import os
 import resource
-import statistics
 import sys
 import sysconfig
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import paired_ratio  # noqa: E402
 from data_prep.prepare import prepare  # noqa: E402
 from data_prep.sources import SourceStats, read_text, stdlib_files  # noqa: E402
 from hooked_gpt2.tokenizer import get_tokenizer  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
               f"({best['raw', workers]:.2f}s wall, {cpu['raw', workers]:.2f}s CPU)")
 
     def paired(a, b):  # median over rounds of time(b) / time(a): how much faster a is
-        return statistics.median(r[b] / r[a] for r in rounds)
+        return paired_ratio([r[b] for r in rounds], [r[a] for r in rounds])
 
     scaling = rates[("prepare", 2)] / rates[("prepare", 1)]
     print(f"prepare 2 workers / 1 worker:        {scaling:.2f}x best times, "

@@ -26,6 +26,7 @@ from training.distributed import Dist  # noqa: E402
 from training.mfu import flops_per_token, measure_matmul_peak  # noqa: E402
 from hooked_gpt2.memory import keep_freed_memory  # noqa: E402
 from training.train import make_autocast, make_optimizer, train_step  # noqa: E402
+from benchmarks.common import paired_ratio  # noqa: E402
 from benchmarks.reference_model import RefGPT2  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def bench(precision: str, args) -> dict:
     return {
         "precision": precision, "hooked_tok_s": tps["hooked"], "ref_tok_s": tps["reference"],
         "ratio": tps["hooked"] / tps["reference"],
-        "pair_ratio": statistics.median(r / h for h, r in zip(hooked_t, ref_t)),
+        "pair_ratio": paired_ratio(ref_t, hooked_t),
         "peak_gflops": peak / 1e9, "mfu_hooked": tps["hooked"] * fpt / peak, "mfu_ref": tps["reference"] * fpt / peak,
     }
 

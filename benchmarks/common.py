@@ -11,13 +11,18 @@ from pathlib import Path
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                         until_steady: int = 0) -> dict[str, float]:
     """Median seconds per call of each function (see ``interleaved_times``)."""
-    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats, warmup, until_steady).items()}
+    return medians(interleaved_times(fns, repeats, warmup, until_steady))
 
 
-def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
-    """The median over rounds of a's time over b's in the same round: pairs taken seconds
-    apart cancel the slow drifts in a shared machine's speed that a ratio of medians keeps."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of one time over another taken in the same round: pairs
+    taken seconds apart cancel the slow drifts in a shared machine's speed that a ratio
+    of medians keeps."""
+    return statistics.median(x / y for x, y in zip(numerators, denominators))
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
