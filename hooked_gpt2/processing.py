@@ -1,0 +1,135 @@
+"""Weight processing as TransformerLens's ``from_pretrained`` does it, in place on a
+HookedGPT2: each step leaves the model computing the same log-probabilities (centring
+the unembedding shifts each position's logits by a constant) and moves weights to where
+an analysis reads them more simply.
+
+- ``fold_ln``: each layer norm's weight and bias move into the weights that read its
+  output (W_Q/W_K/W_V, W_in, W_U and their biases); the layer norms become ``LNPre``
+  (centre and scale only). With ``center_weights`` those reading weights are also
+  centred over d_model, since they only ever see a centred stream.
+- ``center_writing_weights``: everything that writes to the residual stream (W_E, W_pos,
+  W_O, b_O, W_out, b_out) writes mean-zero vectors, which the next layer norm would have
+  removed anyway.
+- ``center_unembed``: W_U and b_U have zero mean over the vocabulary (logits change by a
+  per-position constant; softmax is unchanged).
+- ``fold_value_biases``: b_V moves into b_O (each head's pattern sums to 1, so a value
+  bias writes a constant).
+
+The unprocessed model stays the default, for training and exact Hugging Face parity;
+``HookedGPT2.from_hf(dir, process_weights=True)`` or ``model.process_weights_()`` gives
+TransformerLens's defaults. Processing unties the unembedding from the embedding and
+gives the unembedding (and the QKV projection, if it had none) a bias.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from .model import LayerNorm, LNPre
+
+
+def _ensure_bias(linear: nn.Linear) -> Tensor:
+    if linear.bias is None:
+        linear.bias = nn.Parameter(linear.weight.new_zeros(linear.weight.shape[0]))
+    return linear.bias
+
+
+def _untie_unembedding(model) -> None:
+    if model.unembed.weight is model.embed.weight:
+        model.unembed.weight = nn.Parameter(model.embed.weight.detach().clone())
+        model.cfg.tie_embeddings = False
+    _ensure_bias(model.unembed)
+
+
+def _fold_into(ln: nn.Module, reader: nn.Linear, center_weights: bool) -> None:
+    """``reader(ln(x))`` with ln's weight and bias moved into ``reader`` (whose weight is
+    ``[out d_model]``): bias += W b, then W *= w, then (optionally) centre W over d_model."""
+    bias = _ensure_bias(reader)
+    bias += reader.weight @ ln.bias
+    reader.weight *= ln.weight
+    if center_weights:
+        reader.weight -= reader.weight.mean(1, keepdim=True)
+
+
+def _center_writer(linear: nn.Linear) -> None:
+    """A projection into the residual stream (weight ``[d_model in]``) writes mean-zero vectors."""
+    linear.weight -= linear.weight.mean(0, keepdim=True)
+    if linear.bias is not None:
+        linear.bias -= linear.bias.mean()
+
+
+@torch.no_grad()
+def fold_ln(model, center_weights: bool = True) -> None:
+    """Fold every layer norm's weight and bias into the weights that read it; the layer
+    norms become ``LNPre``. A model already folded is left as it is."""
+    if model.cfg.normalization_type == "LNPre":
+        return
+    _untie_unembedding(model)
+    for block in model.blocks:
+        _fold_into(block.ln1, block.attn.qkv, center_weights)
+        block.ln1 = LNPre(model.cfg)
+        if not model.cfg.attn_only:
+            _fold_into(block.ln2, block.mlp.fc_in, center_weights)
+            block.ln2 = LNPre(model.cfg)
+    _fold_into(model.ln_final, model.unembed, center_weights)
+    model.ln_final = LNPre(model.cfg)
+    model.cfg.normalization_type = "LNPre"
+    model.cfg.qkv_bias = True
+    model.to(model.W_E.device)  # the new LNPre modules hold nothing, but keep one device
+    model.setup_hooks()
+
+
+@torch.no_grad()
+def center_writing_weights(model) -> None:
+    """Make W_E, W_pos, W_O, b_O, W_out and b_out write mean-zero vectors."""
+    _untie_unembedding(model)  # centring W_E must not centre W_U with it
+    for embedding in (model.embed, model.pos_embed):
+        embedding.weight -= embedding.weight.mean(1, keepdim=True)
+    for block in model.blocks:
+        _center_writer(block.attn.out)
+        if not model.cfg.attn_only:
+            _center_writer(block.mlp.fc_out)
+
+
+@torch.no_grad()
+def center_unembed(model) -> None:
+    """Give W_U and b_U zero mean over the vocabulary."""
+    _untie_unembedding(model)
+    model.unembed.weight -= model.unembed.weight.mean(0, keepdim=True)
+    model.unembed.bias -= model.unembed.bias.mean()
+
+
+@torch.no_grad()
+def fold_value_biases(model, center: bool = False) -> None:
+    """Move b_V into b_O: b_O += sum over heads of b_V[head] @ W_O[head]; b_V = 0. With
+    ``center``, b_O is then centred (as TransformerLens does after centring writers)."""
+    for block in model.blocks:
+        attn = block.attn
+        if attn.qkv.bias is None:
+            continue
+        value_bias = attn.qkv.bias.view(3, -1)[2]
+        attn.out.bias += attn.out.weight @ value_bias
+        value_bias.zero_()
+        if center:
+            attn.out.bias -= attn.out.bias.mean()
+
+
+def process_weights_(
+    model, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+    fold_value_biases: bool = True,
+) -> None:
+    """TransformerLens's processing, in its order (its ``from_pretrained`` defaults).
+
+    Centring writers assumes a layer norm reads them: as in TransformerLens, it is done
+    here for a model with layer norms, which every HookedGPT2 has."""
+    if not isinstance(model.ln_final, (LayerNorm, LNPre)):
+        raise ValueError("weight processing needs LayerNorm layer norms")
+    from . import processing as steps  # the flags shadow the step functions' names
+
+    if fold_ln:
+        steps.fold_ln(model)
+    if center_writing_weights:
+        steps.center_writing_weights(model)
+    if center_unembed:
+        steps.center_unembed(model)
+    if fold_value_biases:
+        steps.fold_value_biases(model, center=center_writing_weights)

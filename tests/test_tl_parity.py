@@ -1,0 +1,232 @@
+"""TransformerLens parity: the same random GPT-2 (with perturbed layer norms and biases,
+so that weight processing matters) in HookedGPT2 and in TransformerLens 3.x's
+HookedTransformer, unprocessed and processed; every hook, every ActivationCache method
+and the usual notebook idioms must give TransformerLens's numbers.
+
+TransformerLens's model is built independently of ours: from a Hugging Face GPT-2
+(``save_hf`` round trip) through TransformerLens's own weight conversion and processing.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+transformer_lens = pytest.importorskip("transformer_lens")
+
+from hooked_gpt2 import GPT2Config, HookedGPT2  # noqa: E402
+
+PROMPTS = ["When Mary and John went to the store, John gave a drink to", "The cat sat on the mat and the cat"]
+PROCESSING = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+NO_PROCESSING = {k: False for k in PROCESSING}
+
+
+def close(actual, expected, atol=1e-4):
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Our unprocessed model and a Hugging Face directory of the same weights."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layers=2, d_model=32, n_heads=4, n_ctx=32, d_vocab=50257)
+    model = HookedGPT2(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif ".ln" in name or name.startswith("ln_final"):
+                p.normal_(1, 0.3)
+    path = model.save_hf(tmp_path_factory.mktemp("hf") / "gpt2")
+    return model, path
+
+
+def tl_model(path, processing: dict):
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    hf = GPT2LMHeadModel.from_pretrained(path).eval()
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd,
+        n_ctx=c.n_positions, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN", eps=c.layer_norm_epsilon,
+        default_prepend_bos=True, device="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg, tokenizer=GPT2TokenizerFast.from_pretrained(path))
+        model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), **processing)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["unprocessed", "processed"])
+def pair(request, base):
+    ours, path = base
+    if request.param == "processed":
+        ours = HookedGPT2.from_hf(path, process_weights=True)
+        return ours, tl_model(path, PROCESSING)
+    return ours, tl_model(path, NO_PROCESSING)
+
+
+@pytest.fixture(scope="module")
+def runs(pair):
+    ours, theirs = pair
+    return ours.run_with_cache(PROMPTS), theirs.run_with_cache(PROMPTS)
+
+
+# Tokens, logits, every hook.
+
+
+def test_tokens_and_logits_match(pair):
+    ours, theirs = pair
+    assert torch.equal(ours.to_tokens(PROMPTS), theirs.to_tokens(PROMPTS))
+    for kwargs in [dict(prepend_bos=False), dict(padding_side="left"), dict(prepend_bos=None)]:
+        assert torch.equal(ours.to_tokens(PROMPTS, **kwargs), theirs.to_tokens(PROMPTS, **kwargs)), kwargs
+    assert torch.equal(ours.to_tokens("a<|endoftext|>b"), theirs.to_tokens("a<|endoftext|>b"))
+    close(ours(PROMPTS), theirs(PROMPTS))
+    for return_type in ["loss", "both"]:
+        for per_token in (False, True):
+            a = ours(PROMPTS[0], return_type=return_type, loss_per_token=per_token)
+            b = theirs(PROMPTS[0], return_type=return_type, loss_per_token=per_token)
+            for x, y in zip(a, b) if return_type == "both" else [(a, b)]:
+                close(x, y)
+    assert ours(PROMPTS, return_type=None) is None
+    close(ours(PROMPTS, stop_at_layer=1), theirs(PROMPTS, stop_at_layer=1))
+
+
+def test_every_hook_matches(runs):
+    (our_logits, ours), (their_logits, theirs) = runs
+    close(our_logits, their_logits)
+    assert list(ours) == list(theirs)  # the same names, in the same order: no hook_result
+    for name in theirs:
+        close(ours[name], theirs[name])
+
+
+@pytest.mark.parametrize("switch, names", [
+    ("set_use_attn_result", ["blocks.1.attn.hook_result"]),
+    ("set_use_split_qkv_input", ["blocks.0.hook_q_input", "blocks.1.hook_k_input", "blocks.1.hook_v_input"]),
+    ("set_use_attn_in", ["blocks.0.hook_attn_in"]),
+    ("set_use_hook_mlp_in", ["blocks.1.hook_mlp_in"]),
+])
+def test_optional_hooks_match(pair, switch, names):
+    ours, theirs = pair
+    for model in pair:
+        getattr(model, switch)(True)
+    try:
+        (a, ours_cache), (b, theirs_cache) = ours.run_with_cache(PROMPTS), theirs.run_with_cache(PROMPTS)
+    finally:
+        for model in pair:
+            getattr(model, switch)(False)
+    close(a, b)
+    assert list(ours_cache) == list(theirs_cache)
+    for name in names:
+        close(ours_cache[name], theirs_cache[name])
+    for name in theirs_cache:
+        close(ours_cache[name], theirs_cache[name])
+
+
+# ActivationCache methods.
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, dict(apply_ln=True), dict(layer=-1, incl_mid=True, apply_ln=True), dict(layer=1, apply_ln=True),
+    dict(layer=1, mlp_input=True, apply_ln=True, pos_slice=-1), dict(pos_slice=(1, 4), apply_ln=True, return_labels=True),
+])
+def test_accumulated_resid(runs, kwargs):
+    (_, ours), (_, theirs) = runs
+    _compare(ours.accumulated_resid(**kwargs), theirs.accumulated_resid(**kwargs))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, dict(apply_ln=True), dict(layer=1, mlp_input=True, apply_ln=True), dict(mode="attn", pos_slice=-1),
+    dict(mode="mlp", incl_embeds=False, return_labels=True), dict(layer=1, pos_slice=[0, 2], apply_ln=True),
+])
+def test_decompose_resid(runs, kwargs):
+    (_, ours), (_, theirs) = runs
+    _compare(ours.decompose_resid(**kwargs), theirs.decompose_resid(**kwargs))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, dict(incl_remainder=True, return_labels=True), dict(layer=1, apply_ln=True, pos_slice=-1),
+    dict(apply_ln=True, incl_remainder=True, pos_slice=(0, 3)),
+])
+def test_stack_head_results(runs, kwargs):
+    (_, ours), (_, theirs) = runs
+    _compare(ours.stack_head_results(**kwargs), theirs.stack_head_results(**kwargs))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(layer=2), dict(layer=1, incl_remainder=True, return_labels=True), dict(layer=2, apply_ln=True, pos_slice=-1),
+    dict(layer=2, neuron_slice=(0, 5), return_labels=True),
+])
+def test_stack_neuron_results(runs, kwargs):
+    (_, ours), (_, theirs) = runs
+    _compare(ours.stack_neuron_results(**kwargs), theirs.stack_neuron_results(**kwargs))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(return_labels=True), dict(expand_neurons=False, apply_ln=True), dict(layer=1, mlp_input=True, pos_slice=-1),
+])
+def test_get_full_resid_decomposition(runs, kwargs):
+    (_, ours), (_, theirs) = runs
+    _compare(ours.get_full_resid_decomposition(**kwargs), theirs.get_full_resid_decomposition(**kwargs))
+
+
+def test_apply_ln_to_stack_stack_activation_and_compute_head_results(runs):
+    (_, ours), (_, theirs) = runs
+    stack = theirs.decompose_resid()
+    for kwargs in [{}, dict(layer=1), dict(layer=1, mlp_input=True)]:
+        close(ours.apply_ln_to_stack(stack, **kwargs), theirs.apply_ln_to_stack(stack, **kwargs))
+    close(ours.apply_ln_to_stack(stack[:, :, -1], pos_slice=-1), theirs.apply_ln_to_stack(stack[:, :, -1], pos_slice=-1))
+    close(ours.apply_ln_to_stack(stack, batch_slice=[1]), theirs.apply_ln_to_stack(stack, batch_slice=[1]))
+    for name, sublayer in [("pattern", None), ("scale", "ln1"), ("resid_post", None)]:
+        close(ours.stack_activation(name, sublayer_type=sublayer), theirs.stack_activation(name, sublayer_type=sublayer))
+    ours.compute_head_results()
+    theirs.compute_head_results()
+    close(ours["result", 1], theirs["result", 1])
+    for key in ["k1", "scale1ln1", ("q", 0), ("normalized", 1, "ln2"), "blocks.0.attn.hook_pattern", ("resid_pre", -1)]:
+        close(ours[key], theirs[key])
+
+
+def test_logit_attrs_in_every_form(pair, runs):
+    ours_model, theirs_model = pair
+    (_, ours), (_, theirs) = runs
+    tokens = ours_model.to_tokens(PROMPTS)
+    answers = torch.tensor([[ours_model.to_single_token(" John"), ours_model.to_single_token(" Mary")],
+                            [ours_model.to_single_token(" cat"), ours_model.to_single_token(" dog")]])
+    last = theirs.accumulated_resid(pos_slice=-1)  # [component batch d_model]
+    full = theirs.decompose_resid()  # [component batch pos d_model]
+    cases = [
+        (last, dict(tokens=answers[:, 0], incorrect_tokens=answers[:, 1], pos_slice=-1)),  # the issue's silent bug
+        (last, dict(tokens=answers[:, 0], pos_slice=-1)),
+        (full, dict(tokens=tokens)),
+        (full, dict(tokens=" John", incorrect_tokens=" Mary")),
+        (full, dict(tokens=42, incorrect_tokens=7)),
+        (full, dict(tokens=torch.tensor(42))),
+        (full[:, 1:], dict(tokens=tokens[1:], batch_slice=slice(1, None), has_batch_dim=False)),
+        (full, dict(tokens=tokens[1:], batch_slice=[1])),
+        (last[:, 0], dict(tokens=answers[0, 0], pos_slice=-1, batch_slice=0, has_batch_dim=False)),
+    ]
+    for stack, kwargs in cases:
+        close(ours.logit_attrs(stack, **kwargs), theirs.logit_attrs(stack, **kwargs))
+    with pytest.raises(ValueError, match="same shape"):
+        ours.logit_attrs(last, answers[:, 0], incorrect_tokens=answers[0, 1])
+
+
+def test_remove_batch_dim_keeps_the_logits_batch_axis(pair):
+    ours, theirs = pair
+    (a, ours_cache), (b, theirs_cache) = (m.run_with_cache(PROMPTS[0], remove_batch_dim=True) for m in pair)
+    assert a.shape == b.shape == (1, *b.shape[1:])
+    for name in theirs_cache:
+        close(ours_cache[name], theirs_cache[name])
+    close(ours_cache.accumulated_resid(apply_ln=True), theirs_cache.accumulated_resid(apply_ln=True))
+    close(ours_cache.stack_head_results(apply_ln=True), theirs_cache.stack_head_results(apply_ln=True))
+
+
+def _compare(ours, theirs):
+    if isinstance(theirs, tuple):
+        assert ours[1] == theirs[1]  # labels
+        ours, theirs = ours[0], theirs[0]
+    assert ours.shape == theirs.shape
+    close(ours, theirs)
