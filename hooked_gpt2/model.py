@@ -7,6 +7,7 @@ the layer-norm scale switch those modules to an explicit path computing the same
 """
 
 import copy
+import functools
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +24,7 @@ from .config import GPT2Config
 from .factored_matrix import FactoredMatrix
 from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
-from .tokenizer import EOT_TOKEN, get_tokenizer
+from .tokenizer import EOT_TOKEN, GPT2Tokenizer
 
 
 class LayerNorm(nn.Module):
@@ -531,8 +532,8 @@ class HookedGPT2(HookedRootModule):
 
     # Tokenizer helpers (GPT-2's BPE, offline; <|endoftext|> doubles as BOS and padding).
     @property
-    def tokenizer(self):
-        return get_tokenizer()
+    def tokenizer(self) -> GPT2Tokenizer:
+        return _hf_style_tokenizer()
 
     def to_tokens(
         self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None,
@@ -550,7 +551,7 @@ class HookedGPT2(HookedRootModule):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
-        ids = [([EOT_TOKEN] if prepend_bos else []) + self.tokenizer.encode(t, allowed_special="all") for t in texts]
+        ids = [([EOT_TOKEN] if prepend_bos else []) + self.tokenizer.encode(t) for t in texts]
         if not any(ids):
             raise ValueError("the text is empty: give a non-empty prompt (or prepend_bos=True)")
         if truncate:
@@ -584,7 +585,7 @@ class HookedGPT2(HookedRootModule):
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is one token (no BOS); raises if it is several."""
-        ids = self.tokenizer.encode(string, allowed_special="all")
+        ids = self.tokenizer.encode(string)
         if len(ids) != 1:
             raise ValueError(f"{string!r} is {len(ids)} tokens, not one: choose a single-token string")
         return ids[0]
@@ -798,6 +799,11 @@ def _next_token_loss(logits: Tensor, tokens: Tensor, per_token: bool = False) ->
     targets = tokens[:, 1:]
     losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none" if per_token else "mean")
     return losses.view(targets.shape) if per_token else losses
+
+
+@functools.cache
+def _hf_style_tokenizer() -> GPT2Tokenizer:
+    return GPT2Tokenizer()
 
 
 def _detached(out):
