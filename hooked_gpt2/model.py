@@ -551,7 +551,7 @@ class HookedGPT2(HookedRootModule):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
-        ids = [([EOT_TOKEN] if prepend_bos else []) + self.tokenizer.encode(t) for t in texts]
+        ids = [([EOT_TOKEN] if prepend_bos else []) + self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         if not any(ids):
             raise ValueError("the text is empty: give a non-empty prompt (or prepend_bos=True)")
         if truncate:
@@ -585,7 +585,7 @@ class HookedGPT2(HookedRootModule):
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is one token (no BOS); raises if it is several."""
-        ids = self.tokenizer.encode(string)
+        ids = self.tokenizer.encode(string, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"{string!r} is {len(ids)} tokens, not one: choose a single-token string")
         return ids[0]

@@ -110,8 +110,9 @@ class GPT2Tokenizer:
     """GPT-2's tokenizer with what TransformerLens code uses from a Hugging Face one
     (``bos_token_id``, ``padding_side``, ``tokenizer(texts, return_tensors="pt",
     padding=True)``, ``decode``, ``batch_decode``), offline; every tiktoken method
-    (``encode_ordinary``, ...) still works. ``encode`` treats ``<|endoftext|>`` written in
-    the text as the special token, as Hugging Face's does.
+    (``encode_ordinary``, ...) still works. As TransformerLens's ``model.tokenizer``,
+    ``encode`` and calls prepend BOS unless ``add_special_tokens=False``, and treat
+    ``<|endoftext|>`` written in the text as the special token.
     """
 
     bos_token_id = eos_token_id = pad_token_id = unk_token_id = EOT_TOKEN
@@ -130,7 +131,7 @@ class GPT2Tokenizer:
         return D_VOCAB
 
     def encode(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True, **_):
-        ids = self.encoding.encode(text, allowed_special="all")
+        ids = ([EOT_TOKEN] if add_special_tokens else []) + self.encoding.encode(text, allowed_special="all")
         if return_tensors == "pt":
             import torch
 
@@ -146,11 +147,12 @@ class GPT2Tokenizer:
     def batch_decode(self, rows, skip_special_tokens: bool = False, **_) -> list[str]:
         return [self.decode(row, skip_special_tokens) for row in rows]
 
-    def __call__(self, text, return_tensors: str | None = None, padding: bool = False, **_):
+    def __call__(self, text, return_tensors: str | None = None, padding: bool = False, add_special_tokens: bool = True,
+                 **_):
         import torch
 
         texts = [text] if isinstance(text, str) else list(text)
-        ids = [self.encode(t) for t in texts]
+        ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
         if not padding:
             if return_tensors == "pt" and len({len(r) for r in ids}) > 1:
                 raise ValueError("texts of different lengths need padding=True for return_tensors='pt'")

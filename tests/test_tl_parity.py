@@ -328,3 +328,53 @@ def test_processing_changes_logits_by_a_constant_per_position(base):
     assert processed.cfg.normalization_type == "LNPre" and ours.cfg.normalization_type == "LN"
     with pytest.raises(ValueError, match="process again after loading"):
         processed.save_pretrained(path.parent / "nope")
+
+
+def test_tokenizer_and_string_helpers_match(pair):
+    ours, theirs = pair
+    for tok in (ours.tokenizer, theirs.tokenizer):
+        tok.padding_side = "right"
+    a = ours.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    b = theirs.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(ours.tokenizer, name) == getattr(theirs.tokenizer, name)
+    ids = ours.to_tokens(PROMPTS[0])
+    assert ours.tokenizer.decode(ids[0]) == theirs.tokenizer.decode(ids[0])
+    assert ours.tokenizer.batch_decode(ids) == theirs.tokenizer.batch_decode(ids)
+    assert ours.tokenizer.encode("a<|endoftext|>b") == theirs.tokenizer.encode("a<|endoftext|>b")
+    assert ours.to_str_tokens(PROMPTS) == theirs.to_str_tokens(PROMPTS)
+    assert ours.to_str_tokens(ids) == theirs.to_str_tokens(ids)
+    for single in (int(ids[0, 3]), ids[0, 3]):
+        assert ours.to_string(single) == theirs.to_string(single)
+    assert ours.to_string(ids) == theirs.to_string(ids)
+    assert ours.get_token_position(" John", PROMPTS[0], mode="last") == theirs.get_token_position(" John", PROMPTS[0], mode="last")
+    assert ours.to_single_token(" Mary") == theirs.to_single_token(" Mary")
+    close(ours.tokens_to_residual_directions(" Mary"), theirs.tokens_to_residual_directions(" Mary"))
+    assert ours.cfg.d_vocab_out == theirs.cfg.d_vocab_out and ours.cfg.n_key_value_heads == theirs.cfg.n_key_value_heads
+    assert ours.cfg.normalization_type == theirs.cfg.normalization_type
+    close(ours.b_U, theirs.b_U)
+    for weight in ("W_E", "W_pos", "W_U", "W_Q", "b_K", "W_O", "b_in", "W_out"):
+        close(getattr(ours, weight), getattr(theirs, weight))
+    close(ours.embed.W_E, theirs.embed.W_E)
+    close(ours.unembed.W_U, theirs.unembed.W_U)
+    close(ours.OV.eigenvalues.abs(), theirs.OV.eigenvalues.abs())
+    close(ours.QK[1, 0, :3].AB, theirs.QK[1, 0, :3].AB)
+    close(ours.OV[0].svd()[1], theirs.OV[0].svd()[1])
+
+
+def test_generate_and_gradients_match(pair):
+    ours, theirs = pair
+    kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    assert ours.generate(PROMPTS[0], **kwargs) == theirs.generate(PROMPTS[0], **kwargs)
+    tokens = ours.to_tokens(PROMPTS[0])
+    assert torch.equal(ours.generate(tokens, **kwargs), theirs.generate(tokens, **kwargs))
+    names = lambda n: n.endswith(("hook_resid_pre", "hook_pattern"))  # noqa: E731
+    a_loss, a = ours.run_with_cache(PROMPTS[0], return_type="loss", incl_bwd=True, names_filter=names)
+    b_loss, b = theirs.run_with_cache(PROMPTS[0], return_type="loss", incl_bwd=True, names_filter=names)
+    ours.zero_grad()
+    theirs.zero_grad()
+    close(a_loss, b_loss)
+    assert list(a) == list(b) or sorted(a) == sorted(b)
+    for name in b:
+        close(a[name], b[name])
