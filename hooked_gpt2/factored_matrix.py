@@ -76,7 +76,8 @@ class FactoredMatrix:
         # SVD of each factor, then of the small middle matrix: never forms A @ B.
         Ua, Sa, Vha = torch.linalg.svd(self.A, full_matrices=False)
         Ub, Sb, Vhb = torch.linalg.svd(self.B, full_matrices=False)
-        middle = Sa[..., :, None] * (Vha @ Ub) * Sb[..., None, :]
+        middle = ((Sa[..., :, None] * Vha) @ Ub) * Sb[..., None, :]  # TransformerLens's order, so that
+        # near-equal singular values resolve to the same vectors (and refactored weights match)
         Um, Sm, Vhm = torch.linalg.svd(middle, full_matrices=False)
         return Ua @ Um, Sm, Vhb.transpose(-2, -1) @ Vhm.transpose(-2, -1)
 

@@ -521,13 +521,15 @@ class HookedGPT2(HookedRootModule):
 
     def process_weights_(
         self, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
-        fold_value_biases: bool = True,
+        fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
     ) -> "HookedGPT2":
         """TransformerLens's weight processing, in place (see ``hooked_gpt2.processing``).
         Log-probs are unchanged; logits change by a per-position constant."""
         from . import processing  # it builds on this module's layer norms
 
-        processing.process_weights_(self, fold_ln, center_writing_weights, center_unembed, fold_value_biases)
+        processing.process_weights_(
+            self, fold_ln, center_writing_weights, center_unembed, fold_value_biases, refactor_factored_attn_matrices
+        )
         return self
 
     # Tokenizer helpers (GPT-2's BPE, offline; <|endoftext|> doubles as BOS and padding).

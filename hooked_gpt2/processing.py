@@ -14,6 +14,9 @@ an analysis reads them more simply.
   per-position constant; softmax is unchanged).
 - ``fold_value_biases``: b_V moves into b_O (each head's pattern sums to 1, so a value
   bias writes a constant).
+- ``refactor_factored_attn_matrices`` (off by default, as in TransformerLens): each head's
+  W_Q/W_K (with their biases as an extra row) are refactored to equal-norm factors of the
+  same QK matrix, and W_V/W_O to the SVD of the OV matrix (U S and V^T).
 
 The unprocessed model stays the default, for training and exact Hugging Face parity;
 ``HookedGPT2.from_hf(dir, process_weights=True)`` or ``model.process_weights_()`` gives
@@ -21,9 +24,11 @@ TransformerLens's defaults. Processing unties the unembedding from the embedding
 gives the unembedding (and the QKV projection, if it had none) a bias.
 """
 
+import einops
 import torch
 from torch import Tensor, nn
 
+from .factored_matrix import FactoredMatrix
 from .model import LayerNorm, LNPre
 
 
@@ -113,9 +118,37 @@ def fold_value_biases(model, center: bool = False) -> None:
             attn.out.bias -= attn.out.bias.mean()
 
 
+def _set_head_weights(attn, which: int, W: Tensor, b: Tensor) -> None:
+    """Write ``W [head d_model d_head]`` and ``b [head d_head]`` into the fused QKV rows."""
+    attn.qkv.weight.view(3, attn.n_heads, attn.d_head, -1)[which] = einops.rearrange(
+        W, "head d_model d_head -> head d_head d_model"
+    )
+    attn.qkv.bias.view(3, attn.n_heads, attn.d_head)[which] = b
+
+
+@torch.no_grad()
+def refactor_factored_attn_matrices(model) -> None:
+    """Refactor each head's QK and OV factors (same QK and OV matrices; value biases are
+    folded into b_O first, as the OV refactoring requires)."""
+    fold_value_biases(model)
+    for block in model.blocks:
+        attn = block.attn
+        _ensure_bias(attn.qkv)
+        W_Q = torch.cat([attn.W_Q, attn.b_Q[:, None, :]], dim=1)  # the bias as an extra input row
+        W_K = torch.cat([attn.W_K, attn.b_K[:, None, :]], dim=1)
+        Q, K_T = FactoredMatrix(W_Q, W_K.transpose(-2, -1)).make_even().pair
+        K = K_T.transpose(-2, -1)
+        _set_head_weights(attn, 0, Q[:, :-1], Q[:, -1])
+        _set_head_weights(attn, 1, K[:, :-1], K[:, -1])
+        U, S, V = FactoredMatrix(attn.W_V, attn.W_O).svd()
+        _set_head_weights(attn, 2, U * S[:, None, :], torch.zeros_like(attn.b_V))
+        attn.out.weight.copy_(einops.rearrange(V, "head d_model d_head -> d_model (head d_head)"))
+    model.cfg.qkv_bias = True
+
+
 def process_weights_(
     model, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
-    fold_value_biases: bool = True,
+    fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
 ) -> None:
     """TransformerLens's processing, in its order (its ``from_pretrained`` defaults).
 
@@ -133,3 +166,5 @@ def process_weights_(
         steps.center_unembed(model)
     if fold_value_biases:
         steps.fold_value_biases(model, center=center_writing_weights)
+    if refactor_factored_attn_matrices:
+        steps.refactor_factored_attn_matrices(model)

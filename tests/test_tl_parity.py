@@ -378,3 +378,31 @@ def test_generate_and_gradients_match(pair):
     assert list(a) == list(b) or sorted(a) == sorted(b)
     for name in b:
         close(a[name], b[name])
+
+
+def test_refactored_attention_matrices_match(base):
+    """Refactoring replaces each head's factors by SVD-derived ones. Those are unique only
+    up to the sign of each singular vector (and a rotation among equal singular values),
+    so a column of q/k/v/z may come out negated relative to TransformerLens's when the
+    weights differ in the last bit; everything that does not depend on that choice (the
+    QK and OV matrices, scores, patterns, residual streams, logits) must match."""
+    _, path = base
+    flags = dict(PROCESSING, refactor_factored_attn_matrices=True)
+    ours, theirs = HookedGPT2.from_hf(path, process_weights=True, **flags), tl_model(path, flags)
+    (a, ours_cache), (b, theirs_cache) = ours.run_with_cache(PROMPTS), theirs.run_with_cache(PROMPTS)
+    close(a, b)
+    assert list(ours_cache) == list(theirs_cache)
+    for name in theirs_cache:
+        if not name.endswith(("hook_q", "hook_k", "hook_v", "hook_z")):
+            close(ours_cache[name], theirs_cache[name])
+    close(ours.QK.AB, theirs.QK.AB)
+    close(ours.OV.AB, theirs.OV.AB)
+    close(ours.b_O, theirs.b_O)
+    assert torch.equal(ours.b_V, torch.zeros_like(ours.b_V))
+    # The refactored factors have TransformerLens's structure: equal-norm Q and K
+    # factors (the bias counted as a row), and W_O's rows orthonormal.
+    Q = torch.cat([ours.W_Q, ours.b_Q[:, :, None]], dim=-2)
+    K = torch.cat([ours.W_K, ours.b_K[:, :, None]], dim=-2)
+    close(Q.norm(dim=-2), K.norm(dim=-2), atol=1e-5)
+    eye = torch.eye(ours.cfg.d_head).expand(ours.cfg.n_layers, ours.cfg.n_heads, -1, -1)
+    close(ours.W_O @ ours.W_O.transpose(-2, -1), eye, atol=1e-5)
