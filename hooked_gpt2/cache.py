@@ -1,11 +1,12 @@
 """ActivationCache: the activations of one run, by hook name, with the decompositions
-TransformerLens users know (accumulated and decomposed residual streams, per-head
-results, layer norm applied to a stack, logit attributions).
+TransformerLens users know (accumulated and decomposed residual streams, per-head and
+per-neuron results, layer norm applied to a stack, logit attributions), computing what
+TransformerLens 3.x computes (``tests/test_tl_parity.py`` holds it to that).
 
-Our model keeps its layer-norm weights unfolded, so ``apply_ln_to_stack`` centres,
-divides by the cached scale and multiplies by the layer norm's weight: the result times
-``W_U`` is each component's direct contribution to the logits. The layer norm's bias
-belongs to no component; it (through ``W_U``) is the constant remainder of a logit.
+As in TransformerLens, ``apply_ln_to_stack`` centres and divides by the cached scale and
+leaves the layer norm's weight and bias to the weights that read the stream: with
+folded layer norms (``process_weights=True``) the result times ``W_U`` is each
+component's direct contribution to the logits.
 """
 
 import re
@@ -262,14 +263,7 @@ class ActivationCache:
             result = slice_pos(self["result", l], pos_slice, -3)
             components.append(einops.rearrange(result, "... head d_model -> head ... d_model"))
             labels += [f"L{l}H{h}" for h in range(result.shape[-2])]
-        resid = slice_pos(self._resid_at(layer, False), pos_slice, -2)
-        stack = torch.cat(components) if components else resid.new_zeros((0, *resid.shape))
-        if incl_remainder:
-            stack = torch.cat([stack, (resid - stack.sum(0))[None]])
-            labels.append("remainder")
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._per_writer_stack(components, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
     def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None) -> Tensor:
         """``cache[activation_name, l, sublayer_type]`` stacked over layers ``l < layer``
@@ -294,15 +288,20 @@ class ActivationCache:
         layer = self._layer(layer)
         neurons = slice_pos(torch.arange(self.model.cfg.d_mlp), neuron_slice, 0).reshape(-1).tolist()
         labels = [f"L{l}N{n}" for l in range(layer) for n in neurons]
-        resid = slice_pos(self._resid_at(layer, False), pos_slice, -2)
         components = [
             einops.rearrange(self.get_neuron_results(l, neuron_slice, pos_slice), "... neuron d_model -> neuron ... d_model")
             for l in range(layer)
         ]
+        return self._per_writer_stack(components, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
+
+    def _per_writer_stack(self, components, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels):
+        """Heads' or neurons' writes as one stack, with the stream's ``remainder`` and the
+        layer norm's normalisation if asked for."""
+        resid = slice_pos(self._resid_at(layer, False), pos_slice, -2)
         stack = torch.cat(components) if components else resid.new_zeros((0, *resid.shape))
         if incl_remainder:
             stack = torch.cat([stack, (resid - stack.sum(0))[None]])
-            labels.append("remainder")
+            labels = [*labels, "remainder"]
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
