@@ -393,7 +393,7 @@ class HookedGPT2(TextMixin, HookedRootModule):
             pos_embed = pos_embed.contiguous()  # so that hooks may edit it in place
         pos_embed = self.hook_pos_embed(pos_embed)
         resid = self.embed_dropout(embed + pos_embed)
-        for block in self.blocks[:stop_at_layer]:
+        for block in self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]:
             resid = block(resid, kv_cache)
         if kv_cache is not None:
             kv_cache.length += tokens.shape[1]
@@ -694,9 +694,8 @@ class HookedGPT2(TextMixin, HookedRootModule):
         """Load a Hugging Face ``GPT2LMHeadModel``: a ``save_pretrained`` directory (e.g.
         OpenAI's GPT-2 weights already on disk) or a model object. Unprocessed (exactly
         Hugging Face's numbers) unless ``process_weights=True``, which gives
-        TransformerLens's ``from_pretrained`` defaults (see ``from_pretrained``).
-
-        >>> model = HookedGPT2.from_hf("path/to/gpt2", process_weights=True)
+        TransformerLens's ``from_pretrained`` defaults (see ``from_pretrained``), e.g.
+        ``HookedGPT2.from_hf("path/to/gpt2", process_weights=True)``.
         """
         model = hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
         return model.process_weights_(**processing) if process_weights else model

@@ -406,3 +406,37 @@ def test_refactored_attention_matrices_match(base):
     close(Q.norm(dim=-2), K.norm(dim=-2), atol=1e-5)
     eye = torch.eye(ours.cfg.d_head).expand(ours.cfg.n_layers, ours.cfg.n_heads, -1, -1)
     close(ours.W_O @ ours.W_O.transpose(-2, -1), eye, atol=1e-5)
+
+
+def test_permanent_hooks_and_act_names_match(pair):
+    from transformer_lens.utilities import get_act_name as tl_get_act_name
+
+    from hooked_gpt2 import utils
+
+    for name in ["k1", "scale1ln1", "normalized0ln2", "pattern1", "embed", "scale", "blocks.0.hook_resid_pre"]:
+        assert utils.get_act_name(name) == tl_get_act_name(name), name
+    # TransformerLens's pattern stops at "_" and makes "hook_resid_pre0", a name no model has.
+    assert utils.get_act_name("resid_pre0") == "blocks.0.hook_resid_pre"
+    for args in [("q", 0), ("z", 1, "a"), ("post", 1), ("scale", 0, "ln1"), ("resid_post", 1)]:
+        assert utils.get_act_name(*args) == tl_get_act_name(*args), args
+    tokens = pair[0].to_tokens(PROMPTS)
+    results = []
+    for model in pair:
+        seen = []
+
+        def double_head_0(z, hook):
+            hook.ctx["calls"] = hook.ctx.get("calls", 0) + 1
+            seen.append(hook.layer())
+            z[:, :, 0] = 2 * z[:, :, 0]
+            return z
+
+        model.add_hook("blocks.1.attn.hook_z", double_head_0, is_permanent=True)
+        model.add_hook(lambda n: n.endswith("hook_mlp_out"), lambda act, hook: act * 0.5, dir="fwd")
+        both = model(tokens)
+        model.reset_hooks()  # the permanent one stays
+        permanent = model(tokens)
+        calls = model.hook_dict["blocks.1.attn.hook_z"].ctx.get("calls")
+        model.reset_hooks(including_permanent=True)
+        results.append((both, permanent, model(tokens), torch.tensor(seen), torch.tensor(calls or 0)))
+    for ours, theirs in zip(*results):
+        close(ours, theirs)
