@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 
 import plotly.graph_objects as go
+import scipy.stats
 
 from . import cli
 from .common import AnalysisError
@@ -30,61 +31,16 @@ LEVEL = 0.95
 PER_RUN_KEYS = {"seed", "out", "resume", "overwrite", "progress", "tensorboard", "device", "derived"}
 
 
-# Statistics. scipy is not a dependency: the t quantile comes from the regularized
-# incomplete beta function (Numerical Recipes' continued fraction) by bisection.
-def _betacf(a: float, b: float, x: float) -> float:
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """Student's t cumulative distribution function (df may be fractional, as Welch's is)."""
-    tail = 0.5 * incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
+# Statistics.
 def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom.
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (fractional for Welch).
 
     >>> round(t_quantile(0.975, 1), 3), round(t_quantile(0.975, 10), 3)
     (12.706, 2.228)
     """
     if not 0 < p < 1 or not df > 0:
         raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+    return float(scipy.stats.t.ppf(p, df))
 
 
 def welch(a: list[float], b: list[float], level: float = LEVEL) -> dict:

@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from data_prep.encode import encode_documents
 from data_prep.shards import (
-    HEADER_INT32, MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, ShardWriter, atomic_write,
+    HEADER_INT32, MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, ShardWriter,
     remove_shards_except, remove_temporaries, shard_size,
 )
 from data_prep.sources import TXT_DOCS, DataPrepError, Source, SourceStats, TextOptions, resolve_source
 from data_prep.summary import format_summary
+from hooked_gpt2.atomic import atomic_write
 from hooked_gpt2.tokenizer import D_VOCAB, EOT_TOKEN, tokenizer_sha256
 
 __all__ = ["prepare", "ensure_default_data", "DataPrepError", "main"]
@@ -125,7 +126,7 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
         # Finished shards stay (a re-run reuses them); half-written ones never do.
         remove_temporaries(out)
     remove_shards_except(out, {s["file"] for split in manifest["splits"].values() for s in split["shards"]})
-    atomic_write(out / MANIFEST, [json.dumps(manifest, indent=2).encode() + b"\n"])
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     log(format_summary(manifest, time.perf_counter() - start))
     return out
 

@@ -20,6 +20,7 @@ from .cache import ActivationCache
 from .config import GPT2Config
 from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
+from .losses import next_token_loss
 from .tokenizer import EOT_TOKEN, get_tokenizer
 
 
@@ -256,11 +257,7 @@ class HookedGPT2(HookedRootModule):
         tokens = self.check_tokens(tokens, past=-1)  # the last token is only a target: n_ctx + 1 fit
         if tokens.shape[1] < 2:
             raise ValueError("loss needs at least 2 tokens per sequence (an input and a target)")
-        logits = self(tokens[:, :-1])
-        losses = F.cross_entropy(
-            logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none" if per_token else "mean"
-        )
-        return losses.view(tokens.shape[0], -1) if per_token else losses
+        return next_token_loss(self(tokens[:, :-1]), tokens, per_token)
 
     def check_tokens(self, tokens, past: int = 0) -> Int[Tensor, "batch pos"]:
         """Token ids as a 2-D long tensor, checked for range and length."""
@@ -414,7 +411,7 @@ class HookedGPT2(HookedRootModule):
             if incl_bwd:
                 with torch.enable_grad():
                     logits = self(tokens)
-                    value = metric(logits) if metric is not None else _next_token_loss(logits, tokens)
+                    value = metric(logits) if metric is not None else next_token_loss(logits, tokens)
                     if value.dim() != 0:
                         raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
                     value.backward()
@@ -474,6 +471,3 @@ class HookedGPT2(HookedRootModule):
         exactly equivalent model, with GPT-2's tokenizer files for ``pipeline``."""
         return hf_interop.save_hf(self, path)
 
-
-def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
