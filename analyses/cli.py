@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from hooked_gpt2 import CheckpointError, HookError, HookedGPT2
+from hooked_gpt2.atomic import atomic_write
+from hooked_gpt2.checkpoint import FORMAT
 from hooked_gpt2.memory import keep_freed_memory
 
 from .common import AnalysisError
@@ -38,14 +40,12 @@ def load_model(path: str | Path, device: str = "cpu") -> HookedGPT2:
     is_ours = True
     if config.is_file():
         try:
-            is_ours = json.loads(config.read_text()).get("format") == "hooked-gpt2"
+            is_ours = json.loads(config.read_text()).get("format") == FORMAT
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             is_ours = True  # let from_pretrained report the damaged file
     if is_ours:
         model = HookedGPT2.from_pretrained(path)
     else:
-        if not hasattr(HookedGPT2, "from_hf"):
-            raise CheckpointError(f"{path} is not a hooked-gpt2 checkpoint, and this version cannot load Hugging Face directories (no HookedGPT2.from_hf)")
         try:
             model = HookedGPT2.from_hf(path)
         except (OSError, ValueError, KeyError) as e:
@@ -63,7 +63,18 @@ def out_dir(path: str | Path) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
+
+
+def finish(out: Path, save_page: Callable[[Path], Path], results: dict, html: str = "report.html",
+           data: str = "results.json") -> int:
+    """The end of every analysis script: the page (``save_page(path)``, e.g. ``page.save``)
+    and the results (JSON) written into ``out``, and where they are printed. Returns the
+    exit code, 0."""
+    path = save_page(out / html)
+    write_json(out / data, results)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {out / data}")
+    return 0
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

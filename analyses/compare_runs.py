@@ -10,11 +10,13 @@ and the baseline share seeds (same initial weights and data order), the paired d
 over those seeds with its own t interval. Written as ``comparison.md`` (also printed),
 ``comparison.json`` and ``comparison.html`` (the table, and loss curves with seed bands).
 
-Given run directories, runs whose configs differ only in seed are one variant, named by
+Given run directories, runs whose configs agree in the fields that describe the experiment
+(``training.config.ROLES``: not the seed, hardware or bookkeeping) are one variant, named by
 their parent directory when the runs are ``.../<variant>/seed_<n>``; the first is the baseline.
 """
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -23,12 +25,15 @@ from pathlib import Path
 import plotly.graph_objects as go
 import scipy.stats
 
+from hooked_gpt2.atomic import atomic_write
+from training import rundir
+from training.config import EXPERIMENT_ROLES, fields_with_roles
+
 from . import cli
 from .common import AnalysisError
 from .html import Page
 
 LEVEL = 0.95
-PER_RUN_KEYS = {"seed", "out", "resume", "overwrite", "progress", "tensorboard", "device", "derived"}
 
 
 # Statistics.
@@ -71,21 +76,14 @@ def paired(a: list[float], b: list[float], level: float = LEVEL) -> dict:
 
 # Reading runs.
 def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    if not rundir.has_metrics(run):
         raise AnalysisError(f"{run} has no metrics.jsonl: is it a training run directory?")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a half-written last line of a run in progress
-            continue
-    return rows
+    return rundir.read_metrics(run)
 
 
 def final_val_loss(run: Path) -> float:
     """The validation loss logged at the run's last step (``config.json``'s max_steps)."""
-    max_steps = json.loads((run / "config.json").read_text())["max_steps"]
+    max_steps = rundir.read_config(run)["max_steps"]
     for row in read_metrics(run):
         if row["step"] == max_steps and row.get("val_loss") is not None:
             return row["val_loss"]
@@ -94,23 +92,28 @@ def final_val_loss(run: Path) -> float:
 
 
 def group_runs(paths: list[Path]) -> tuple[dict[str, list[Path]], dict[str, list[str]]]:
-    """Variants (name -> runs, the baseline first) from a study directory or run directories."""
-    if len(paths) == 1 and (paths[0] / "study.json").is_file():
-        study = json.loads((paths[0] / "study.json").read_text())
+    """Variants (name -> runs, the baseline first) from a study directory or run directories.
+
+    Run directories are one variant when their configs agree in every field the config
+    declares part of the experiment (``training.config.EXPERIMENT_ROLES``).
+    """
+    study = rundir.read_study(paths[0]) if len(paths) == 1 else None
+    if study is not None:
         groups = {}
         for variant in study["variants"]:
-            runs = [paths[0] / variant / f"seed_{s}" for s in study["seeds"]]
-            groups[variant] = [r for r in runs if (r / "config.json").is_file()]
+            runs = [rundir.study_run_dir(paths[0], variant, s) for s in study["seeds"]]
+            groups[variant] = [r for r in runs if rundir.has_config(r)]
             if not groups[variant]:
                 raise AnalysisError(f"variant {variant!r} of {paths[0]} has no runs yet: run the study first")
         return groups, {v: spec.get("stack", []) for v, spec in study["variants"].items()}
     groups: dict[str, list[Path]] = {}
     keys: dict[str, str] = {}
+    experiment = fields_with_roles(*EXPERIMENT_ROLES)
     for path in paths:
-        if not (path / "config.json").is_file():
+        if not rundir.has_config(path):
             raise AnalysisError(f"{path} is not a run directory (no config.json) nor a study directory (no study.json)")
-        config = json.loads((path / "config.json").read_text())
-        key = json.dumps({k: v for k, v in config.items() if k not in PER_RUN_KEYS}, sort_keys=True)
+        config = rundir.read_config(path)
+        key = json.dumps({k: config.get(k) for k in experiment}, sort_keys=True)
         if key not in keys:
             name = path.parent.name if path.name.startswith("seed_") else path.name
             while name in groups:
@@ -122,7 +125,7 @@ def group_runs(paths: list[Path]) -> tuple[dict[str, list[Path]], dict[str, list
 
 
 def seed_of(run: Path) -> int:
-    return json.loads((run / "config.json").read_text())["seed"]
+    return rundir.read_config(run)["seed"]
 
 
 def compare(paths: list[str | Path]) -> dict:
@@ -243,15 +246,13 @@ def main(argv=None) -> int:
                                                "(default: the study directory, else ./comparison)")
     args = p.parse_args(argv)
     result = compare(args.runs)
-    is_study = len(args.runs) == 1 and (Path(args.runs[0]) / "study.json").is_file()
+    is_study = len(args.runs) == 1 and rundir.read_study(args.runs[0]) is not None
     out = cli.out_dir(args.out or (args.runs[0] if is_study else "comparison"))
     table = markdown_table(result)
-    (out / "comparison.md").write_text(table)
-    cli.write_json(out / "comparison.json", result)
-    page = write_report(result, out / "comparison.html")
+    atomic_write(out / "comparison.md", table)
     print(table)
-    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {page}")
-    return 0
+    print(f"wrote {out / 'comparison.md'}")
+    return cli.finish(out, functools.partial(write_report, result), result, html="comparison.html", data="comparison.json")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from analyses import over_training as ot
 from tests.planted import INDUCTION_HEAD, build_planted_induction_model
 from tests.test_analyses_browser import CHROMIUM, chromium
-from training import checkpointing
+from training import rundir
 from training.config import TrainConfig
 from training.train import train
 
@@ -84,7 +84,7 @@ def planted_run(tmp_path_factory):
     """The planted model with its induction head scaled 0, 0.1, ..., 1: checkpoints 0..100."""
     run = tmp_path_factory.mktemp("planted") / "run"
     for i in range(11):
-        path = build_planted_induction_model(i / 10).save_pretrained(checkpointing.step_dir(run, 10 * i))
+        path = build_planted_induction_model(i / 10).save_pretrained(rundir.step_dir(run, 10 * i))
         (path / "state.json").write_text(json.dumps({"step": 10 * i, "tokens_seen": 10 * i * 1000}))
     (run / "config.json").write_text("{}\n")  # no data: validation loss is skipped, with a note
     return run

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from training import checkpointing
+from training import rundir
 from training.config import TrainConfig
 from training.train import main, train
 
@@ -64,7 +64,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(shakespeare_data
         proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
     assert "SIGTERM" in stderr and "stopped at step" in stdout + stderr
-    ckpt = checkpointing.latest_resumable(out)
+    ckpt = rundir.latest_resumable(out)
     step = json.loads((ckpt / "state.json").read_text())["step"]
     assert step == rows(out)[-1]["step"] >= 3
     # Continue to a few steps past the interrupt: the same losses as a run never stopped.

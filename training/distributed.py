@@ -74,13 +74,19 @@ def mean_over_ranks(d: Dist, value: float) -> float:
     return t.item() / d.world_size
 
 
-def any_rank(d: Dist, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any (so all ranks stop on the same step)."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def step_stats(d: Dist, loss_sum: torch.Tensor, grad_norm: torch.Tensor, stop: bool) -> tuple[float, float, bool]:
+    """A training step's (loss averaged over ranks, grad norm, whether any rank asked to stop).
+
+    The step's one host sync: a single all-reduce of the three, read back once. The grad
+    norm is the same on every rank (gradients are already all-reduced), so its mean is it.
+    A non-finite loss on any rank makes the mean non-finite on every rank.
+    """
+    flag = torch.full((), float(stop), dtype=torch.float64, device=loss_sum.device)  # a fill, not a copy
+    stats = torch.stack([loss_sum.double(), grad_norm.double().to(loss_sum.device), flag])
+    if d.enabled:
+        dist.all_reduce(stats)
+    loss, norm, stops = stats.tolist()
+    return loss / d.world_size, norm / d.world_size, stops > 0
 
 
 def gather_objects(d: Dist, obj) -> list:

@@ -4,12 +4,12 @@ Only rank 0 writes; on the other ranks every method is a no-op.
 """
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from . import rundir
 from .mfu import peak_flops
 from .plots import write_loss_curve
 
@@ -90,8 +90,7 @@ class Logger:
             self.write_row("metrics.jsonl", dict.fromkeys(METRIC_KEYS) | {"step": step, "tokens_seen": 0, "val_loss": val_loss})
 
     def write_row(self, name: str, row: dict) -> None:
-        with open(self.run_dir / name, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        rundir.append_row(self.run_dir, name, row)
 
     def close(self, step: int, train_loss: float | None, val_loss: float | None) -> None:
         if not self.on:
