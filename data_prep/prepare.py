@@ -32,7 +32,9 @@ from data_prep.shards import (
     HEADER_INT32, MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, ShardWriter,
     remove_shards_except, remove_temporaries, shard_size,
 )
-from data_prep.sources import TXT_DOCS, DataPrepError, Source, SourceStats, TextOptions, resolve_source
+from data_prep.sources import (
+    TXT_DOCS, DataPrepError, Source, SourceStats, TextOptions, resolve_source, resolve_txt_docs,
+)
 from data_prep.summary import format_summary
 from hooked_gpt2.atomic import atomic_write
 from hooked_gpt2.tokenizer import D_VOCAB, EOT_TOKEN, tokenizer_sha256
@@ -83,7 +85,7 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
             val_tokens: int = DEFAULT_VAL_TOKENS, val_every: int = DEFAULT_VAL_EVERY,
             workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, force: bool = False,
             text_column: str = "text", config: str | None = None, min_int_score: int | None = None,
-            data_files: str | None = None, txt_docs: str = "file", progress: bool = True,
+            data_files: str | None = None, txt_docs: str = "auto", progress: bool = True,
             log=print) -> Path:
     """Tokenise ``source`` into shards under ``out`` and return ``out``.
 
@@ -97,6 +99,8 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
     ['manifest.json', 'train_000000.bin', 'val_000000.bin']
     """
     workers = workers if workers is not None else default_workers()
+    if txt_docs in TXT_DOCS:
+        txt_docs = resolve_txt_docs(source, txt_docs)
     options = {
         "source": source, "max_tokens": max_tokens, "val_tokens": val_tokens, "val_every": val_every,
         "shard_tokens": shard_tokens, "text_column": text_column, "config": config,
@@ -251,8 +255,8 @@ def empty_corpus_error(source: str, n_docs: int, stats: SourceStats) -> DataPrep
         return DataPrepError(f"{source} holds no documents to train on"
                              f"{f' ({skipped} empty or filtered out)' if skipped else ''}")
     return DataPrepError(f"all {n_docs} document(s) of {source} went to the validation split, which holds "
-                         "whole documents; lower --val-tokens (0 for none), or for one large text file "
-                         "pass --txt-docs paragraph")
+                         "whole documents; lower --val-tokens (0 for none), or split large text files "
+                         "into documents at blank lines with --txt-docs paragraph")
 
 
 class Progress:
@@ -314,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-files", default=None,
                    help="local parquet files (file, directory or glob) to read for fineweb-edu or hf: "
                         "sources instead of the hub")
-    p.add_argument("--txt-docs", choices=TXT_DOCS, default="file",
-                   help="how .txt files split into documents: one per file (default) or one per "
-                        "blank-line-separated paragraph")
+    p.add_argument("--txt-docs", choices=TXT_DOCS, default="auto",
+                   help="how .txt files split into documents: one per file, or one per blank-line-separated "
+                        "paragraph; auto (default): paragraphs when the source is one .txt file, else files")
     return p
 
 
