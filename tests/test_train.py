@@ -81,6 +81,21 @@ def test_resume_equals_uninterrupted_exactly(shakespeare_data, tmp_path, dropout
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_may_change_hardware_but_not_the_experiment(shakespeare_data, tmp_path):
+    cfg = small_cfg(shakespeare_data, tmp_path / "run", max_steps=4, eval_every=100)
+    train(cfg, stop_after=2)
+    with pytest.raises(TrainingError, match=r"differ from the run's config.json: \['lr'\]; these describe the experiment"):
+        train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True, "lr": 1e-2}))
+    with pytest.raises(TrainingError, match=r"\['seed'\]"):
+        train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True, "seed": 1}))
+    # Hardware: half the micro-batch, accumulated twice to the same global batch; bookkeeping too.
+    train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True, "batch_size": 2, "global_batch_tokens": 4 * 32,
+                                 "ddp_timeout_s": 60, "log_every": 2}))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["derived"]["grad_accum_steps"] == 2
+    ref = train(small_cfg(shakespeare_data, tmp_path / "ref", max_steps=4, eval_every=100))
+    assert train_losses(tmp_path / "run") == pytest.approx(train_losses(ref)[:2] + train_losses(ref)[3:], abs=1e-5)
+
+
 def test_crash_during_save_leaves_previous_checkpoint(shakespeare_data, tmp_path, monkeypatch):
     cfg = small_cfg(shakespeare_data, tmp_path / "run", max_steps=6, ckpt_every=4)
     real_save = rundir.save_checkpoint
