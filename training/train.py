@@ -5,7 +5,10 @@
     torchrun --nproc_per_node 8 -m training.train --preset gpt2-small-untied --data DIR ...
     python -m training.train --out runs/demo --resume          # continue after an interrupt
 
-From Python, ``train(TrainConfig(...))`` returns the run directory.
+From Python, ``train(TrainConfig(...))`` returns the run directory. Another loop (a
+fine-tuning one) reuses the pieces: a ``TrainState`` (``training.state``), a ``Setup``, and
+``train_step(state, setup, lr)``; ``save`` / ``restore`` checkpoint the state into a run
+directory (``training.rundir``).
 """
 
 import contextlib
@@ -110,10 +113,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
             lr = get_lr(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                         max_steps=max_steps, schedule=cfg.schedule)
             loss, grad_norm, interrupted = train_step(state, setup, lr, stop.requested or state.step + 1 == stop_after)
+            if not math.isfinite(loss):  # train_step left the weights and state.step as they were
+                raise TrainingError(f"the training loss is {loss} at step {state.step + 1}: stopping. The last good "
+                                    f"checkpoint is {rundir.latest_resumable(run_dir)}; lower --lr or keep --grad-clip on")
             step = state.step
-            if not math.isfinite(loss):
-                raise TrainingError(f"the training loss is {loss} at step {step + 1}: stopping. The last good checkpoint "
-                                    f"is {rundir.latest_resumable(run_dir)}; lower --lr or keep --grad-clip on")
             val_loss = None
             if step % cfg.eval_every == 0 or step == max_steps:
                 with log.paused():
