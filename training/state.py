@@ -68,7 +68,7 @@ def rng_for_rank(saved: list[dict], rank: int) -> dict | None:
 def derived_seed(seed: int, rank: int) -> int:
     """The seed of a rank that joins a resumed run: distinct per rank and from the run's
     initial seeds (``seed + rank``), and the same every time."""
-    return (seed * 1_000_003 + 7919 * (rank + 1)) % 2**63
+    return int(np.random.SeedSequence((seed % 2**64, rank, 1)).generate_state(1, np.uint64)[0])
 
 
 def seed_rng(seed: int) -> None:
