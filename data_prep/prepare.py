@@ -2,6 +2,7 @@
 
     python -m data_prep.prepare --source python-stdlib --out data/python-stdlib
     python -m data_prep.prepare --source fineweb-edu --out data/fineweb-edu --max-tokens 3200000000
+    python -m data_prep.prepare --source input.txt --out data/mine     # one text file: paragraphs
 
 Output: ``train_000000.bin ...`` and ``val_000000.bin ...`` in llm.c's shard layout, and
 ``manifest.json``, written last, whose presence means the output is complete. Re-running
@@ -9,7 +10,9 @@ the same command over complete output does nothing; over an interrupted run, it 
 the finished shards and completes the job.
 
 Splits: every ``val_every``-th document goes to validation until it holds ``val_tokens``
-tokens; all other documents go to training. Validation holds whole documents only.
+tokens; all other documents go to training. Validation holds whole documents only. A
+``.txt`` file is one document, except when it is the whole source (``--txt-docs auto``):
+then its blank-line-separated paragraphs are the documents, so both splits get some.
 ``max_tokens`` caps the training split exactly: its last document may be cut, so a
 token budget is met to the token.
 """
