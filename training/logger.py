@@ -47,7 +47,7 @@ class Logger:
     def sample(self, step: int, prompt: str, text: str) -> None:
         if not self.on:
             return
-        self.write_row("samples.jsonl", {"step": step, "prompt": prompt, "text": text})
+        self.write_row(rundir.SAMPLES, {"step": step, "prompt": prompt, "text": text})
         self.message(f"[step {step}] {prompt + text!r}")
 
     def step(self, step, tokens_seen, train_loss, val_loss, lr, grad_norm) -> None:
@@ -65,7 +65,7 @@ class Logger:
         self.last_time, self.last_step, self.paused_s = now, step, 0.0
         mfu = tokens_per_s * self.flops_per_token / self.peak if self.peak else None
         row = dict(zip(METRIC_KEYS, (step, tokens_seen, train_loss, val_loss, lr, grad_norm, tokens_per_s, mfu)))
-        self.write_row("metrics.jsonl", row)
+        self.write_row(rundir.METRICS, row)
         postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}", "lr": f"{lr:.2e}"}
         if self.pending_val is not None:
             postfix["val"] = f"{self.pending_val:.3f}"
@@ -87,7 +87,7 @@ class Logger:
     def eval_row(self, step: int, val_loss: float) -> None:
         """Step 0's row: the initial model's validation loss."""
         if self.on:
-            self.write_row("metrics.jsonl", dict.fromkeys(METRIC_KEYS) | {"step": step, "tokens_seen": 0, "val_loss": val_loss})
+            self.write_row(rundir.METRICS, dict.fromkeys(METRIC_KEYS) | {"step": step, "tokens_seen": 0, "val_loss": val_loss})
 
     def write_row(self, name: str, row: dict) -> None:
         rundir.append_row(self.run_dir, name, row)
