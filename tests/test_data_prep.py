@@ -453,3 +453,12 @@ def test_cli_errors_have_no_traceback_and_offline_fineweb_fails_fast(tmp_path):
         assert "Traceback" not in result.stderr and time.time() - start < 30
         assert not (tmp_path / "out").exists()
     assert "--data-files" in result.stderr or "does not exist" in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_batches_are_page_locked_and_equal(shakespeare_data):
+    plain = BatchLoader(TokenDataset(shakespeare_data, "train"), 4, 16)
+    pinned = BatchLoader(TokenDataset(shakespeare_data, "train"), 4, 16, pin_memory=True)
+    for _ in range(3):
+        a, b = plain.next_batch(), pinned.next_batch()
+        assert b.is_pinned() and not a.is_pinned() and torch.equal(a, b)

@@ -27,7 +27,6 @@ checkpoint exists) and resumes an interrupted one.
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 from data_prep.reader import ShardError
@@ -36,7 +35,7 @@ from hooked_gpt2 import CheckpointError, ConfigError
 from hooked_gpt2.checkpoint import atomic_write_text
 
 from . import checkpointing
-from .config import TrainConfig
+from .config import TrainConfig, tomllib
 from .train import RESUME_MAY_CHANGE, TrainingError, train
 
 BASELINE = "baseline"

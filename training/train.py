@@ -9,6 +9,7 @@ From Python, ``train(TrainConfig(...))`` returns the run directory.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -30,6 +31,7 @@ from .config import DEFAULT_DATA, TrainConfig, config_from_args, default_out
 from .evaluate import evaluate, fixed_val_batches, next_token_loss, sample
 from .logger import Logger
 from .mfu import flops_per_token
+from .precision import make_autocast, resolve_precision
 from .schedule import checkpoint_steps, get_lr
 
 # A resumed run may change these without changing what it computes.
@@ -77,7 +79,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     optimizer = make_optimizer(model, cfg, d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
     loader = BatchLoader(TokenDataset(cfg.data, "train"), cfg.batch_size, cfg.seq_len,
-                         rank=d.rank, world_size=d.world_size)
+                         rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda")
     val_batches = fixed_val_batches(cfg.data, cfg.eval_batch_size, cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed + d.rank)  # each rank its own dropout masks
     start_step = restore(run_dir, model, optimizer, scaler, loader, d) if cfg.resume else 0
@@ -161,13 +163,6 @@ def make_optimizer(model: HookedGPT2, cfg: TrainConfig, device: torch.device) ->
                              fused=device.type == "cuda")
 
 
-def make_autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def eval_and_sample(model, val_batches, cfg, d, log, autocast, step, final=False) -> float:
     """Validation loss on the fixed batches (split over ranks), and rank 0's samples."""
     mine = val_batches[d.rank :: d.world_size]
@@ -212,7 +207,8 @@ def restore(run_dir, model, optimizer, scaler, loader, d) -> int:
 
 # Setting up: resolve defaults, check the run directory, record the config.
 def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
-    """``cfg`` with every default made explicit (absolute paths, batch, steps)."""
+    """``cfg`` with every default made explicit (absolute paths, batch, steps, precision)."""
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, d.device))
     if cfg.precision == "fp16" and d.device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA GPU (autocast with a grad scaler); on the CPU use bf16 or fp32")
     data = cfg.data
