@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from hooked_gpt2 import ConfigError
+from hooked_gpt2.device import resolve_device
 
 
 @dataclass
@@ -34,8 +35,7 @@ class Dist:
 
 def pick_device(name: str, local_rank: int, world_size: int = 1) -> torch.device:
     """``auto`` is CUDA when there is a GPU; ``cuda`` is the GPU of this process's LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(resolve_device(name))
     if name.startswith("cuda:") and world_size > 1:
         raise ConfigError(
             f"--device {name} names one GPU, but torchrun started {world_size} processes that would all train on it; "
