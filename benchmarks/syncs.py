@@ -10,15 +10,21 @@ nothing back); ``cuda_syncs`` counts all of them on CUDA (hidden = that minus vi
 """
 
 import contextlib
+import os
+import sys
 import warnings
 
 import torch
 
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 
 
 class HostReads:
-    """Counts the values Python reads off tensors inside the block, by method name.
+    """Counts the values code outside torch reads off tensors inside the block, by method.
+
+    Reads inside torch itself (an optimizer reading its CPU step counters, ...) are left out:
+    on a GPU they are either of CPU tensors (no sync) or syncs of its own (hidden ones).
 
     >>> with HostReads() as reads:
     ...     _ = torch.ones(2).sum().item()
@@ -38,7 +44,8 @@ class HostReads:
         def counted(tensor, *args, **kwargs):
             self.depth += 1
             try:
-                if self.depth == 1:  # a read made by another read (tolist via __index__) counts once
+                # A read made by another read (tolist via __index__) counts once.
+                if self.depth == 1 and not sys._getframe(1).f_code.co_filename.startswith(TORCH_DIR):
                     self.counts[name] += 1
                 return method(tensor, *args, **kwargs)
             finally:
