@@ -12,7 +12,7 @@ Checks, each a row of the table:
 - ``compile``: ``--compile`` (inductor) against the eager bf16 run: first-step loss equal
   within bf16 tolerance, tokens/s ratio;
 - ``torchrun x2``: 2-process DDP against 1 process with the same global batch (2+ GPUs);
-- ``resume 2->1``: a run saved by 2 processes resumed by 1 (2+ GPUs);
+- ``resume 2->1``: a run saved by 2 processes on 2 GPUs resumed by 1 that sees 1 GPU;
 - ``generate``: greedy KV-cache generation against transformers' ``generate`` on the same
   weights (gpt2-small shape, fp32): tokens/s of each, tokens equal;
 - ``syncs/step``: host syncs per training step that neither logs, evaluates nor saves,
@@ -155,29 +155,35 @@ def compile_check(s: Setup) -> Row:
                f"{first_compiled:.4f} vs {first_eager:.4f}", {**sp, "ratio_to_eager": ratio})
 
 
-def torchrun(s: Setup, cfg: TrainConfig, nproc: int, extra=()) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "training.train", *s.args(cfg), *extra]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+def torchrun(s: Setup, cfg: TrainConfig, nproc: int) -> None:
+    command(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+             "-m", "training.train", *s.args(cfg)])
+
+
+def command(args: list[str], **env) -> None:
+    """``python ARGS`` in the repository, with ``env`` added; Failed unless it exits 0."""
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **env})
     if result.returncode != 0:
-        raise Failed(f"{' '.join(cmd[3:])} exited {result.returncode}: {result.stderr.strip()[-600:]}")
+        raise Failed(f"python {' '.join(args)} exited {result.returncode}: {result.stderr.strip()[-600:]}")
 
 
 def ddp_check(s: Setup) -> Row:
     if s.gpus < 2:
         return Row("torchrun x2", "skip", f"needs 2 GPUs ({s.gpus} here); tests/test_train_ddp.py runs gloo DDP on the CPU")
     tokens = 2 * s.batch_size * s.config("x").resolved_seq_len()
-    two = s.config("ddp2", global_batch_tokens=tokens, precision="fp32")
+    # fp32 (TF32 matmuls), 10 steps: the two batch layouts round differently, so not bitwise.
+    same = dict(global_batch_tokens=tokens, precision="fp32", max_steps=min(s.steps, 10), log_every=1)
+    two = s.config("ddp2", **same)
     torchrun(s, two, 2)
-    one = train(s.config("ddp1", global_batch_tokens=tokens, precision="fp32"))  # 2 accumulation steps
+    one = train(s.config("ddp1", **same))  # 2 accumulation steps
     a, b = losses(Path(two.out)), losses(one)
-    worst = max(abs(x - y) for x, y in zip(a, b))
-    if len(a) != len(b) or worst > 1e-3:
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    if len(a) != len(b) or worst > 5e-3:
         raise Failed(f"2-process losses {a} differ from 1-process {b}")
     sp = speed(Path(two.out))
-    return Row("torchrun x2", "ok", f"{describe_speed(sp)} (per GPU); losses = 1 process within {worst:.1e}",
-               {**sp, "max_loss_diff": worst})
+    return Row("torchrun x2", "ok", f"{describe_speed(sp)} (MFU per GPU); losses = 1 process's within "
+               f"{worst:.1e} (relative)", {**sp, "max_relative_loss_diff": worst})
 
 
 def resume_check(s: Setup) -> Row:
@@ -187,12 +193,14 @@ def resume_check(s: Setup) -> Row:
     tokens = 2 * s.batch_size * s.config("x").resolved_seq_len()
     cfg = s.config("resume", global_batch_tokens=tokens, max_steps=half)
     torchrun(s, cfg, 2)
-    run = train(TrainConfig.from_dict({**TrainConfig.from_file(Path(cfg.out) / "config.json").to_dict(),
-                                       "resume": True, "overwrite": False, "max_steps": s.steps}))
+    # One process that sees one GPU, as on a smaller machine.
+    command(["-m", "training.train", "--out", cfg.out, "--resume", "--max-steps", str(s.steps)], CUDA_VISIBLE_DEVICES="0")
+    run = Path(cfg.out)
     steps = [r["step"] for r in metrics(run)]
     if steps[-1] != s.steps or not all(math.isfinite(x) for x in losses(run)):
         raise Failed(f"resumed run ended at step {steps[-1]} with losses {losses(run)}")
-    return Row("resume 2->1", "ok", f"saved by 2 processes at step {half}, resumed by 1 to step {s.steps}")
+    return Row("resume 2->1", "ok", f"saved by 2 processes (2 GPUs) at step {half}, resumed by 1 (1 GPU visible) "
+               f"to step {s.steps}")
 
 
 def generate_check(s: Setup) -> Row:

@@ -35,15 +35,14 @@ class Dist:
 
 def pick_device(name: str, local_rank: int, world_size: int = 1) -> torch.device:
     """``auto`` is CUDA when there is a GPU; ``cuda`` is the GPU of this process's LOCAL_RANK."""
-    name = str(resolve_device(name))
     if name.startswith("cuda:") and world_size > 1:
         raise ConfigError(
             f"--device {name} names one GPU, but torchrun started {world_size} processes that would all train on it; "
             "use --device cuda (each process takes the GPU of its LOCAL_RANK) and choose the GPUs with "
             "CUDA_VISIBLE_DEVICES, e.g. CUDA_VISIBLE_DEVICES=2,3 torchrun --nproc_per_node 2 ...")
-    if name == "cuda":
+    if str(resolve_device(name)) == "cuda":  # auto on a GPU machine, or cuda
         name = f"cuda:{local_rank}"
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def setup(device: str, timeout_s: int) -> Dist:
