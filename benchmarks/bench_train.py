@@ -25,7 +25,8 @@ from training.config import TrainConfig  # noqa: E402
 from training.distributed import Dist  # noqa: E402
 from training.mfu import flops_per_token, measure_matmul_peak  # noqa: E402
 from hooked_gpt2.memory import keep_freed_memory  # noqa: E402
-from training.train import make_autocast, make_optimizer, train_step  # noqa: E402
+from training.precision import make_autocast  # noqa: E402
+from training.train import make_optimizer, train_step  # noqa: E402
 from benchmarks.common import paired_ratio  # noqa: E402
 from benchmarks.reference_model import RefGPT2  # noqa: E402
 
