@@ -7,11 +7,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from hooked_gpt2 import CheckpointError, HookError, HookedGPT2
 from hooked_gpt2.atomic import atomic_write
 from hooked_gpt2.checkpoint import FORMAT
+from hooked_gpt2.device import resolve_device
 from hooked_gpt2.memory import keep_freed_memory
 
 from .common import AnalysisError
@@ -19,6 +18,7 @@ from .common import AnalysisError
 # ValueError covers our AnalysisError, CheckpointError and ConfigError, and the model's own
 # checks on token ids and lengths, whose messages are written for users.
 USER_ERRORS = (ValueError, HookError)
+DEVICE_HELP = "auto (a CUDA GPU if there is one, else the CPU; the default, as in training), cpu, cuda or cuda:N"
 
 
 def parser(description: str, prompt: bool = True) -> argparse.ArgumentParser:
@@ -26,14 +26,14 @@ def parser(description: str, prompt: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (save_pretrained output or a Hugging Face GPT-2 directory)")
     p.add_argument("--out", required=True, help="directory to write report.html and results.json into")
-    p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     if prompt:
         p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. The quick brown fox",
                        help="text to analyse (a BOS token is prepended)")
     return p
 
 
-def load_model(path: str | Path, device: str = "cpu") -> HookedGPT2:
+def load_model(path: str | Path, device: str = "auto") -> HookedGPT2:
     """A hooked-gpt2 checkpoint, or a Hugging Face GPT-2 directory through ``from_hf``."""
     path = Path(path)
     config = path / "config.json"
@@ -51,7 +51,7 @@ def load_model(path: str | Path, device: str = "cpu") -> HookedGPT2:
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"cannot load {path} as a Hugging Face GPT-2: {e}") from None
     try:
-        return model.to(torch.device(device)).eval()
+        return model.to(resolve_device(device)).eval()
     except RuntimeError as e:
         raise AnalysisError(f"cannot use device {device!r}: {e}") from None
 

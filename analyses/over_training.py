@@ -36,9 +36,11 @@ import torch
 
 from hooked_gpt2 import CheckpointError, HookedGPT2
 from hooked_gpt2.atomic import atomic_write
+from hooked_gpt2.device import resolve_device
 from hooked_gpt2.losses import next_token_loss
 from training import rundir
 from training.evaluate import evaluate, fixed_val_batches
+from training.precision import make_autocast
 
 from . import cli
 from .ablation import head_ablation
@@ -53,7 +55,7 @@ CROSSING = 0.5  # the induction score at which we say an induction head has form
 
 
 def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: int = 8, seed: int = 0,
-                  ablation_method: str = "mean", device: str = "cpu", log=print) -> dict:
+                  ablation_method: str = "mean", device: str = "auto", log=print) -> dict:
     """Every requested metric for every checkpoint of ``run_dir`` (cached per checkpoint).
 
     Returns ``{"run_dir", "metrics", "options", "notes", "checkpoints": [{"step",
@@ -74,9 +76,10 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
         raise AnalysisError(f"{run_dir} has no checkpoints (no {run_dir}/checkpoints/step_*): train first, "
                             "or wait for the run's first checkpoint")
     config = rundir.read_config(run_dir) if rundir.has_config(run_dir) else {}
+    device = resolve_device(device)
     logged = logged_val_losses(run_dir)
     options = {"icl_seq_len": icl_seq_len, "icl_batch": icl_batch, "seed": seed, "ablation_method": ablation_method}
-    val = ValidationData(config)
+    val = ValidationData(config, device)
     notes = [] if val.batches is not None or "val_loss" not in metrics else [val.why_missing]
     cache_dir = run_dir / rundir.ANALYSIS / "over_training"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,7 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
         if cached.get("checkpoint") != identity:  # rewritten (e.g. a run restarted with --overwrite)
             cached = {}
         done = cached.get("metrics", {})  # "name@options-hash" -> value; other options' results stay
-        keys = {m: f"{m}@{_key(m, options, val)}" for m in metrics}
+        keys = {m: f"{m}@{_key(m, options, val, device)}" for m in metrics}
         todo = [m for m in metrics if keys[m] not in done]
         if todo:
             log(f"step {step}: computing {', '.join(todo)}")
@@ -118,9 +121,10 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
 
 
 class ValidationData:
-    """The run's fixed validation batches, or why there are none (a run without data)."""
+    """The run's fixed validation batches, or why there are none (a run without data), and
+    the autocast of the run's precision on the device the analysis runs on."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, device: torch.device):
         self.batches, self.autocast, self.why_missing, self.identity = None, None, None, None
         data = config.get("data")
         if not data or not (Path(data) / "manifest.json").is_file():
@@ -129,7 +133,7 @@ class ValidationData:
             return
         args = (data, config["eval_batch_size"], config["seq_len"], config["eval_batches"])
         self.batches = fixed_val_batches(*args)
-        self.autocast = rundir.make_autocast(config.get("precision", "fp32"), torch.device("cpu"))
+        self.autocast = make_autocast(config.get("precision", "fp32"), device)
         self.identity = [*args, config.get("precision", "fp32")]
 
 
@@ -182,12 +186,13 @@ def logged_val_losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["val_loss"] for row in rundir.read_metrics(run_dir) if row.get("val_loss") is not None}
 
 
-def _key(metric: str, options: dict, val: ValidationData) -> str:
+def _key(metric: str, options: dict, val: ValidationData, device: torch.device) -> str:
     relevant = {"val_loss": [val.identity], "logit_lens": [val.identity, options["icl_seq_len"], options["icl_batch"], options["seed"]],
                 "icl": [options["icl_seq_len"], options["icl_batch"], options["seed"]]}
     relevant["heads"] = relevant["icl"]
     relevant["ablation"] = relevant["icl"] + [options["ablation_method"]]
-    return hashlib.sha1(json.dumps([metric, relevant[metric]]).encode()).hexdigest()[:16]
+    # Kernels and autocast differ between device types: a CUDA result does not stand for a CPU one.
+    return hashlib.sha1(json.dumps([metric, relevant[metric], device.type]).encode()).hexdigest()[:16]
 
 
 def _checkpoint_identity(path: Path) -> dict:
@@ -333,7 +338,7 @@ def main(argv=None) -> int:
     p.add_argument("--icl-batch", type=int, default=8, help="number of repeated random sequences")
     p.add_argument("--seed", type=int, default=0, help="seed for the random sequences (fixed across checkpoints)")
     p.add_argument("--ablation-method", default="mean", choices=["zero", "mean", "resample"], help="how heads are ablated")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="auto", help=cli.DEVICE_HELP)
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     results = over_training(args.run_dir, metrics, icl_seq_len=args.icl_seq_len, icl_batch=args.icl_batch,

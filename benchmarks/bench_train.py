@@ -25,7 +25,7 @@ from training.config import TrainConfig  # noqa: E402
 from training.distributed import Dist  # noqa: E402
 from training.mfu import flops_per_token, measure_matmul_peak  # noqa: E402
 from hooked_gpt2.memory import keep_freed_memory  # noqa: E402
-from training.rundir import make_autocast  # noqa: E402
+from training.precision import make_autocast  # noqa: E402
 from training.state import TrainState  # noqa: E402
 from training.train import Setup, make_optimizer, train_step  # noqa: E402
 from benchmarks.common import paired_ratio  # noqa: E402

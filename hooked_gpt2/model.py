@@ -235,7 +235,8 @@ class HookedGPT2(HookedRootModule):
         """Everything but the unembedding: the output of ``ln_final``. Generation uses it to
         unembed only the last position."""
         past = kv_cache.length if kv_cache is not None else 0
-        tokens = self.check_tokens(tokens, past=past)
+        # Ids that generation sampled over d_vocab are in range by construction: not read back.
+        tokens = self.check_tokens(tokens, past=past, values=not (kv_cache is not None and kv_cache.ids_in_range))
         positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         embed = self.hook_embed(self.embed(tokens))
         pos_embed = self.pos_embed(positions).expand_as(embed)  # a view: no copy per batch row
@@ -259,8 +260,8 @@ class HookedGPT2(HookedRootModule):
             raise ValueError("loss needs at least 2 tokens per sequence (an input and a target)")
         return next_token_loss(self(tokens[:, :-1]), tokens, per_token)
 
-    def check_tokens(self, tokens, past: int = 0) -> Int[Tensor, "batch pos"]:
-        """Token ids as a 2-D long tensor, checked for range and length."""
+    def check_tokens(self, tokens, past: int = 0, values: bool = True) -> Int[Tensor, "batch pos"]:
+        """Token ids as a 2-D long tensor, checked for length and (``values``) range."""
         if not isinstance(tokens, Tensor):
             tokens = torch.as_tensor(tokens)
         if tokens.dim() == 1:
@@ -276,8 +277,8 @@ class HookedGPT2(HookedRootModule):
             )
         # Checking values syncs a GPU, so the training hot path on CUDA skips it (an
         # out-of-range id there still fails, in the embedding's device assert).
-        if not (tokens.is_cuda and self.training) and not torch.compiler.is_compiling():
-            low, high = int(tokens.min()), int(tokens.max())
+        if values and not (tokens.is_cuda and self.training) and not torch.compiler.is_compiling():
+            low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one read from the device, not two
             if low < 0 or high >= self.cfg.d_vocab:
                 bad = low if low < 0 else high
                 raise ValueError(f"token id {bad} is out of range: ids must be in [0, {self.cfg.d_vocab})")

@@ -504,3 +504,12 @@ def test_one_text_file_prepares_with_default_flags(tmp_path, capsys):
     (tmp_path / "dir" / "a.txt").write_text("first\n\nsecond")
     assert prepare(str(tmp_path / "dir"), tmp_path / "out2", val_tokens=0, **QUIET)
     assert json.loads((tmp_path / "out2" / "manifest.json").read_text())["splits"]["train"]["documents"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_batches_are_page_locked_and_equal(shakespeare_data):
+    plain = BatchLoader(TokenDataset(shakespeare_data, "train"), 4, 16)
+    pinned = BatchLoader(TokenDataset(shakespeare_data, "train"), 4, 16, pin_memory=True)
+    for _ in range(3):
+        a, b = plain.next_batch(), pinned.next_batch()
+        assert b.is_pinned() and not a.is_pinned() and torch.equal(a, b)

@@ -16,6 +16,7 @@ from training import rundir, state as state_module
 from training import train as train_module
 from training.config import TrainConfig
 from training.distributed import Dist
+from training.precision import make_autocast
 from training.state import TrainState, rng_for_rank, rng_state
 
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, n_ctx=32, dropout=0.1)
@@ -32,7 +33,7 @@ def make_state(data, seed: int, rank: int = 0) -> TrainState:
 
 def make_setup(model, d: Dist = Dist()) -> train_module.Setup:
     cfg = TrainConfig(preset="tiny", model=dict(SMALL))
-    return train_module.Setup(cfg, d, 1, rundir.make_autocast("fp32", torch.device("cpu")), model)
+    return train_module.Setup(cfg, d, 1, make_autocast("fp32", torch.device("cpu")), model)
 
 
 def test_state_dict_round_trip_continues_bitwise(shakespeare_data, tmp_path):

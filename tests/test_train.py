@@ -12,6 +12,7 @@ from training import rundir
 from training import train as train_module
 from training.config import TrainConfig, config_from_args
 from training.evaluate import evaluate, fixed_val_batches
+from training.precision import make_autocast
 from training.state import TrainState
 from training.train import TrainingError, main, train
 
@@ -189,7 +190,7 @@ def test_gradient_clipping_bounds_the_update(clip):
 
     cfg = TrainConfig(preset="tiny", model=dict(SMALL), grad_clip=clip)
     state = TrainState(model, opt, torch.amp.GradScaler("cpu", enabled=False), Loader())
-    setup = train_module.Setup(cfg, Dist(), 1, rundir.make_autocast("fp32", torch.device("cpu")), model)
+    setup = train_module.Setup(cfg, Dist(), 1, make_autocast("fp32", torch.device("cpu")), model)
     _, grad_norm, _ = train_module.train_step(state, setup, lr=1.0)
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
     assert grad_norm > 0.05, "the test needs a gradient larger than the clip"

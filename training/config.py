@@ -13,17 +13,21 @@ import argparse
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hooked_gpt2 import ConfigError, GPT2Config
 from hooked_gpt2.config import PRESETS
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli is the same parser (a dependency there, see pyproject.toml)
+    import tomli as tomllib
+
 from . import rundir
 
 DEFAULT_DATA = "data/python-stdlib"
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -67,7 +71,9 @@ class TrainConfig:
     eps: float = _help("AdamW epsilon", default=1e-8)
     grad_clip: float | None = _help("clip the global gradient norm to this (off/0 = no clipping)", default=1.0)
     # Hardware.
-    precision: str = _help("fp32, bf16 (autocast, CPU or CUDA) or fp16 (autocast + grad scaler, CUDA)", default="bf16")
+    precision: str = _help("auto (bf16 where the GPU has it natively, else fp16; bf16 on the CPU), fp32, "
+                           "bf16 (autocast, CPU or CUDA) or fp16 (autocast + grad scaler, CUDA); "
+                           "config.json records the one chosen", default="auto")
     compile: bool = _help("torch.compile the model", default=False)
     device: str = _help("auto (CUDA if available), cpu, cuda or cuda:N", default="auto")
     ddp_timeout_s: int = _help("seconds a process waits on the others before the run fails", default=600)
@@ -87,7 +93,8 @@ class TrainConfig:
     keep_resume: int = _help("keep optimizer/data/RNG resume state in this many latest checkpoints", default=1)
     progress: bool = _help("show a progress bar", default=True)
     tensorboard: bool = _help("also log to RUN/tensorboard when tensorboard is installed", default=True)
-    peak_flops: float | None = _help("peak FLOP/s for MFU; default measured (CPU) or looked up (GPU)", default=None)
+    peak_flops: float | None = _help("one device's peak FLOP/s for MFU (per process under torchrun); "
+                                     "default measured (CPU) or looked up (GPU)", default=None)
 
     def __post_init__(self):
         self.validate()

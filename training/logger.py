@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import rundir
-from .mfu import peak_flops
+from .mfu import mfu, peak_flops
 from .plots import write_loss_curve
 
 METRIC_KEYS = ("step", "tokens_seen", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
@@ -20,8 +20,8 @@ class Logger:
     def __init__(self, cfg, d, run_dir: Path, max_steps: int, start_step: int, flops_per_token: float):
         self.on = d.is_main
         self.cfg, self.run_dir, self.flops_per_token = cfg, Path(run_dir), flops_per_token
-        self.tokens_per_step = cfg.global_batch_tokens
-        self.peak = cfg.peak_flops or (peak_flops(d.device, cfg.precision) if self.on else None)
+        self.tokens_per_step, self.world_size = cfg.global_batch_tokens, d.world_size
+        self.peak = cfg.peak_flops or (peak_flops(d.device, cfg.precision) if self.on else None)  # one device's
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not (self.on and cfg.progress),
                         unit="step", dynamic_ncols=True)
         self.last_time, self.last_step = time.perf_counter(), start_step
@@ -63,8 +63,8 @@ class Logger:
         elapsed = max(now - self.last_time - self.paused_s, 1e-9)
         tokens_per_s = (step - self.last_step) * self.tokens_per_step / elapsed
         self.last_time, self.last_step, self.paused_s = now, step, 0.0
-        mfu = tokens_per_s * self.flops_per_token / self.peak if self.peak else None
-        row = dict(zip(METRIC_KEYS, (step, tokens_seen, train_loss, val_loss, lr, grad_norm, tokens_per_s, mfu)))
+        util = mfu(tokens_per_s, self.flops_per_token, self.peak, self.world_size) if self.peak else None
+        row = dict(zip(METRIC_KEYS, (step, tokens_seen, train_loss, val_loss, lr, grad_norm, tokens_per_s, util)))
         self.write_row(rundir.METRICS, row)
         postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}", "lr": f"{lr:.2e}"}
         if self.pending_val is not None:

@@ -196,12 +196,3 @@ def read_study(study_dir: str | Path) -> dict | None:
     """A study directory's resolved plan, or None if ``study_dir`` is not one."""
     path = Path(study_dir) / STUDY
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-# Precision.
-def make_autocast(precision: str, device: torch.device):
-    """A factory of the autocast context a run at ``precision`` computes in on ``device``."""
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(torch.device(device).type, dtype=dtype)

@@ -27,7 +27,6 @@ checkpoint exists) and resumes an interrupted one.
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 from data_prep.reader import ShardError
@@ -35,7 +34,7 @@ from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError
 
 from . import rundir
-from .config import EXPERIMENT_ROLES, TrainConfig, changed_fields, fields_with_roles
+from .config import EXPERIMENT_ROLES, TrainConfig, changed_fields, fields_with_roles, tomllib
 from .train import TrainingError, train
 
 BASELINE = "baseline"

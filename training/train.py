@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from .config import DEFAULT_DATA, FIXED_ON_RESUME, TrainConfig, changed_fields, 
 from .evaluate import evaluate, fixed_val_batches, sample
 from .logger import Logger
 from .mfu import flops_per_token
-from .rundir import make_autocast
+from .precision import make_autocast, resolve_precision
 from .schedule import checkpoint_steps, get_lr
 from .state import TrainState, rng_for_rank
 
@@ -88,7 +88,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     state = TrainState(model, make_optimizer(model, cfg, d.device),
                        torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16"),
                        BatchLoader(TokenDataset(cfg.data, "train"), cfg.batch_size, cfg.seq_len,
-                                   rank=d.rank, world_size=d.world_size),
+                                   rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda"),
                        rank=d.rank, seed=cfg.seed)
     val_batches = fixed_val_batches(cfg.data, cfg.eval_batch_size, cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed + d.rank)  # each rank its own dropout masks
@@ -218,7 +218,8 @@ def restore(run_dir, state: TrainState) -> None:
 
 # Setting up: resolve defaults, check the run directory, record the config.
 def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
-    """``cfg`` with every default made explicit (absolute paths, batch, steps)."""
+    """``cfg`` with every default made explicit (absolute paths, batch, steps, precision)."""
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, d.device))
     if cfg.precision == "fp16" and d.device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA GPU (autocast with a grad scaler); on the CPU use bf16 or fp32")
     data = cfg.data
