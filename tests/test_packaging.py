@@ -71,6 +71,7 @@ def test_config_reads_toml_through_tomli_where_tomllib_is_missing(monkeypatch, t
     # A separate copy of training/config.py, so the imported module stays as it is.
     spec = importlib.util.spec_from_file_location("config_without_tomllib", REPO / "training" / "config.py")
     config = importlib.util.module_from_spec(spec)
+    config.__package__ = "training"  # for its relative imports
     spec.loader.exec_module(config)
     assert config.tomllib.__name__ == "tomli"
     path = tmp_path / "run.toml"
