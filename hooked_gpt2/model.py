@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import checkpoint, hf_interop
 from .cache import ActivationCache
+from .components import RMSNorm, SwiGLU, bias_or_zeros, qk_transform
 from .config import GPT2Config
 from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
@@ -47,12 +48,14 @@ class Attention(nn.Module):
         # Q, K and V for all heads in one matrix: one matmul in training. Rows are ordered
         # (q|k|v, head, d_head), as in Hugging Face's c_attn; W_Q etc. are views into it.
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
-        self.out = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
+        self.out = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.attn_bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.hook_q = HookPoint()  # [batch pos head_index d_head]
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
+        # QK-norm and rotary positions, where configured, act on q and k here (components.py).
+        self.transform_qk = qk_transform(self, cfg)
         self.hook_attn_scores = HookPoint()  # [batch head_index query_pos key_pos]
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()  # [batch pos head_index d_head]
@@ -82,7 +85,7 @@ class Attention(nn.Module):
 
     @property
     def b_O(self) -> Float[Tensor, "d_model"]:
-        return self.out.bias
+        return bias_or_zeros(self.out)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], kv_cache=None, layer: int = 0):
         q, k, v = einops.rearrange(
@@ -91,12 +94,12 @@ class Attention(nn.Module):
             three=3,
             head=self.n_heads,
         )
+        past = kv_cache.length if kv_cache is not None else 0
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k = self.transform_qk(q, k, past)
         # SDPA and the KV cache both want [batch head pos d_head].
         q, k, v = (einops.rearrange(t, "batch pos head d_head -> batch head pos d_head") for t in (q, k, v))
-        past = 0
         if kv_cache is not None:
-            past = kv_cache.length
             k, v = kv_cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
@@ -113,7 +116,7 @@ class Attention(nn.Module):
                     z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"
                 )
             )
-            out = result.sum(-2) + self.out.bias
+            out = result.sum(-2) + self.b_O
         else:
             out = self.out(einops.rearrange(z, "batch pos head d_head -> batch pos (head d_head)"))
         return self.resid_dropout(out)
@@ -143,22 +146,27 @@ def _causal_mask(q: Tensor, k: Tensor, past: int) -> Tensor | None:
 class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.approximate = "tanh" if cfg.act_fn == "gelu_new" else "none"
         self.dropout = nn.Dropout(cfg.dropout)
         self.hook_pre = HookPoint()  # [batch pos d_mlp]
         self.hook_post = HookPoint()
 
     W_in = property(lambda self: self.fc_in.weight.T)  # [d_model d_mlp]
-    b_in = property(lambda self: self.fc_in.bias)
+    b_in = property(lambda self: bias_or_zeros(self.fc_in))
     W_out = property(lambda self: self.fc_out.weight.T)  # [d_mlp d_model]
-    b_out = property(lambda self: self.fc_out.bias)
+    b_out = property(lambda self: bias_or_zeros(self.fc_out))
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(self.fc_in(x))
         post = self.hook_post(F.gelu(pre, approximate=self.approximate))
         return self.dropout(self.fc_out(post))
+
+
+# The components each architecture choice selects (GPT2Config.norm, GPT2Config.mlp).
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+MLPS = {"gelu": MLP, "swiglu": SwiGLU}
 
 
 class TransformerBlock(nn.Module):
@@ -168,13 +176,13 @@ class TransformerBlock(nn.Module):
         self.attn_only = cfg.attn_only
         # Attributes in forward order, so hook_names() lists hooks in the order they fire.
         self.hook_resid_pre = HookPoint()  # [batch pos d_model]
-        self.ln1 = LayerNorm(cfg)
+        self.ln1 = NORMS[cfg.norm](cfg)
         self.attn = Attention(cfg)
         self.hook_attn_out = HookPoint()
         if not cfg.attn_only:
             self.hook_resid_mid = HookPoint()
-            self.ln2 = LayerNorm(cfg)
-            self.mlp = MLP(cfg)
+            self.ln2 = NORMS[cfg.norm](cfg)
+            self.mlp = MLPS[cfg.mlp](cfg)
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
@@ -201,12 +209,15 @@ class HookedGPT2(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch pos d_model]
-        self.hook_pos_embed = HookPoint()
+        # Rotary positions act inside attention instead (components.RotaryEmbedding).
+        self.learned_positions = cfg.positional == "learned"
+        if self.learned_positions:
+            self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+            self.hook_pos_embed = HookPoint()
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = LayerNorm(cfg)
+        self.ln_final = NORMS[cfg.norm](cfg)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
@@ -235,13 +246,14 @@ class HookedGPT2(HookedRootModule):
         unembed only the last position."""
         past = kv_cache.length if kv_cache is not None else 0
         tokens = self.check_tokens(tokens, past=past)
-        positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
-        embed = self.hook_embed(self.embed(tokens))
-        pos_embed = self.pos_embed(positions).expand_as(embed)  # a view: no copy per batch row
-        if self.hook_pos_embed.has_hooks():
-            pos_embed = pos_embed.contiguous()  # so that hooks may edit it in place
-        pos_embed = self.hook_pos_embed(pos_embed)
-        resid = self.embed_dropout(embed + pos_embed)
+        resid = self.hook_embed(self.embed(tokens))
+        if self.learned_positions:
+            positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+            pos_embed = self.pos_embed(positions).expand_as(resid)  # a view: no copy per batch row
+            if self.hook_pos_embed.has_hooks():
+                pos_embed = pos_embed.contiguous()  # so that hooks may edit it in place
+            resid = resid + self.hook_pos_embed(pos_embed)
+        resid = self.embed_dropout(resid)
         for block in self.blocks:
             resid = block(resid, kv_cache)
         if kv_cache is not None:
