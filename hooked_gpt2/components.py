@@ -56,19 +56,22 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
-        # As Hugging Face computes them, so that Llama weights give the same logits.
-        exponents = torch.arange(0, cfg.rotary_dim, 2, dtype=torch.int64).float() / cfg.rotary_dim
+        # As Hugging Face computes them, in float32, so that Llama weights give the same logits.
+        # Derived from the config, so neither parameters nor buffers: checkpoints leave them
+        # out, and a model built on the meta device and filled from a checkpoint (as
+        # from_pretrained does) keeps them. On the CPU here; moved to the input's device once.
+        exponents = torch.arange(0, cfg.rotary_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.rotary_dim
         inv_freq = 1.0 / (cfg.rotary_base**exponents)
-        angles = torch.outer(torch.arange(cfg.n_ctx).float(), inv_freq)
+        angles = torch.outer(torch.arange(cfg.n_ctx, device="cpu").float(), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # [n_ctx rotary_dim]
-        # Derived from the config: not saved in checkpoints.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(
         self, x: Float[Tensor, "batch pos head_index d_head"], past: int = 0
     ) -> Float[Tensor, "batch pos head_index d_head"]:
         """Rotate ``x`` as positions ``past, past + 1, ...`` (past: tokens already in a KV cache)."""
+        if self.cos.device != x.device:
+            self.cos, self.sin = self.cos.to(x.device), self.sin.to(x.device)
         positions = slice(past, past + x.shape[1])
         cos = self.cos[positions, None].to(x.dtype)  # [pos 1 rotary_dim], broadcast over heads
         sin = self.sin[positions, None].to(x.dtype)
