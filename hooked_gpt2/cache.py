@@ -18,8 +18,8 @@ from torch import Tensor
 from .components import RMSNorm
 
 BLOCK_HOOKS = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
-ATTN_HOOKS = {"q", "k", "v", "z", "attn_scores", "pattern", "result"}
-MLP_HOOKS = {"pre", "post"}
+ATTN_HOOKS = {"q", "k", "v", "z", "attn_scores", "pattern", "result", "rot_q", "rot_k"}
+MLP_HOOKS = {"pre", "post", "pre_linear"}
 LN_HOOKS = {"scale", "normalized"}
 ALIASES = {"attn": "pattern", "scores": "attn_scores"}
 SHORT_NAMES = {"embed", "pos_embed"} | BLOCK_HOOKS | ATTN_HOOKS | MLP_HOOKS | LN_HOOKS | set(ALIASES)

@@ -4,6 +4,8 @@ Read top to bottom in the order the forward pass runs: layer norm, attention, ML
 block, model. With no hook attached the model runs the fast path (fused QKV projection,
 ``F.layer_norm``, ``F.scaled_dot_product_attention``); hooks on the attention internals or
 the layer-norm scale switch those modules to an explicit path computing the same function.
+Architecture variants (RMSNorm, rotary positions, QK-norm, SwiGLU; ``components.py``)
+are chosen once, when a block is built, from the config.
 """
 
 import math
@@ -474,16 +476,18 @@ class HookedGPT2(HookedRootModule):
     # Hugging Face interop.
     @classmethod
     def from_hf(cls, dir_or_model, device=None, dtype=None) -> "HookedGPT2":
-        """Load a Hugging Face ``GPT2LMHeadModel``: a ``save_pretrained`` directory (e.g.
-        OpenAI's GPT-2 weights already on disk) or a model object.
+        """Load a Hugging Face ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` (multi-head
+        attention): a ``save_pretrained`` directory (e.g. OpenAI's GPT-2 weights already
+        on disk) or a model object.
 
         >>> model = HookedGPT2.from_hf("path/to/gpt2")
         """
         return hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
 
     def save_hf(self, path) -> Path:
-        """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads as an
-        exactly equivalent model, with GPT-2's tokenizer files for ``pipeline``."""
+        """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` (or, for
+        the Llama architecture, ``LlamaForCausalLM``) loads as an exactly equivalent model,
+        with GPT-2's tokenizer files for ``pipeline``."""
         return hf_interop.save_hf(self, path)
 
 

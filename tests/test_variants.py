@@ -47,6 +47,9 @@ def test_the_new_hooks_have_transformer_lens_names():
                  "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"):
         assert f"blocks.1.{hook}" in names
     assert "hook_pos_embed" not in names and "ln_final.hook_scale" in names
+    _, cache = make_variant("everything").run_with_cache(TOKENS)  # TransformerLens's short names
+    assert cache["rot_q", 1] is cache["blocks.1.attn.hook_rot_q"]
+    assert cache["pre_linear", 0] is cache["blocks.0.mlp.hook_pre_linear"]
     gpt2 = make_variant("gpt2").hook_names()
     assert not any("rot_" in n or "_norm." in n or "pre_linear" in n for n in gpt2)
 
