@@ -40,6 +40,9 @@ BLOCK_MAP = [
     ("mlp.fc_out.weight", "mlp.c_proj.weight", True),
     ("mlp.fc_out.bias", "mlp.c_proj.bias", False),
 ]
+# The config flag each optional bias follows (GPT-2 always has them; exports write zeros).
+BIAS_FLAGS = {"attn.qkv.bias": "qkv_bias", "attn.out.bias": "attn_bias", "mlp.fc_in.bias": "mlp_bias",
+              "mlp.fc_out.bias": "mlp_bias"}
 TOP_MAP = [
     ("embed.weight", "wte.weight"),
     ("pos_embed.weight", "wpe.weight"),
@@ -88,10 +91,10 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[st
             state[ours] = hf_state[theirs]
     for i in range(cfg.n_layers):
         for ours, theirs, transpose in BLOCK_MAP:
+            if ours in BIAS_FLAGS and not getattr(cfg, BIAS_FLAGS[ours]):
+                continue
             ours, theirs = f"blocks.{i}.{ours}", f"h.{i}.{theirs}"
             if cfg.attn_only and (".ln2." in ours or ".mlp." in ours):
-                continue
-            if ours.endswith(".bias") and not _has_bias(cfg, ours):
                 continue
             if theirs in hf_state:
                 tensor = hf_state[theirs]
@@ -99,12 +102,6 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[st
     if not cfg.tie_embeddings and "lm_head.weight" in hf_state:
         state["unembed.weight"] = hf_state["lm_head.weight"]
     return state
-
-
-def _has_bias(cfg: GPT2Config, name: str) -> bool:
-    if ".ln" in name:
-        return True
-    return {"qkv": cfg.qkv_bias, "out": cfg.attn_bias}.get(name.split(".")[-2], cfg.mlp_bias)
 
 
 def hf_format(hf_config: dict, source):
