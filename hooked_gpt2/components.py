@@ -41,10 +41,13 @@ class RMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [... length], before the weight
 
     def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+        # In the weight's precision (float32 under autocast, as F.layer_norm is there, and
+        # the fused kernel wants input and weight alike), returned in the input's.
+        x_in = x.to(self.weight.dtype)
         if not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
-            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale) * self.weight
+            return F.rms_norm(x_in, x.shape[-1:], self.weight, self.eps).to(x.dtype)
+        scale = self.hook_scale((x_in.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return (self.hook_normalized(x_in / scale) * self.weight).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):

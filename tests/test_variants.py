@@ -206,7 +206,8 @@ def test_dla_ablation_patching_and_head_detectors_run_on_every_variant(name):
     model = make_variant(name)
     tokens = TOKENS[:1]
     dla = direct_logit_attribution(model, tokens, answer=7, wrong=9)
-    logits = model(tokens)[0, -1]
+    with torch.no_grad():
+        logits = model(tokens)[0, -1]
     assert dla.total == pytest.approx(float(logits[7] - logits[9]), abs=1e-3)
     metric = logit_diff(7, 9)
     ablated = ablate(model, tokens, heads=[(0, 1)], metric=metric)
@@ -218,3 +219,14 @@ def test_dla_ablation_patching_and_head_detectors_run_on_every_variant(name):
     assert results["resid_pre"][0].max() == pytest.approx(1.0, abs=1e-4)
     scores = head_scores(model, seq_len=7, batch=2)
     assert all(s.shape == (model.cfg.n_layers, model.cfg.n_heads) for s in scores.values())
+
+
+@pytest.mark.parametrize("name", ["llama", "everything"])
+def test_bf16_autocast_runs_the_variants_close_to_fp32(name):
+    """The demo trains under bf16 autocast: the variants' norms run there in float32 (as
+    LayerNorm does) and hand SDPA queries, keys and values of one dtype."""
+    model = make_variant(name, init_std=0.02)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.loss(TOKENS)
+        assert float(low) == pytest.approx(float(model.loss(TOKENS)), abs=0.05)
