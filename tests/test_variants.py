@@ -16,6 +16,7 @@ from analyses.logit_lens import layer_logits, residual_stack
 from analyses.patching import activation_patching
 from hooked_gpt2 import ConfigError, GPT2Config, HookedGPT2
 from hooked_gpt2.config import PRESETS
+from hooked_gpt2.generation import KVCache
 from tests.reference_variants import VARIANTS, make_variant, reference_forward
 
 TOKENS = torch.tensor([[5, 17, 3, 99, 42, 42, 8, 1, 0, 63, 5, 17], [2, 2, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41]])
@@ -84,8 +85,6 @@ def test_an_edit_at_a_new_hook_matches_the_same_edit_in_the_reference(name):
 def test_kv_cache_offsets_rotary_positions(name):
     """Prefill then one token at a time gives the logits of one full pass at every
     position, and cached greedy generation equals recomputing the whole prefix."""
-    from hooked_gpt2.generation import KVCache
-
     model = make_variant(name)
     tokens = TOKENS[:, :10]
     full = model(tokens)
