@@ -257,6 +257,14 @@ MODEL_HELP = {
     "tie_embeddings": "share one matrix between embedding and unembedding",
     "attn_only": "attention-only blocks (no MLPs)",
     "init_std": "standard deviation of the initial weights",
+    "positional": "positions: learned (GPT-2's absolute embeddings) or rotary (RoPE)",
+    "rotary_base": "RoPE base: the slowest rotation's wavelength scale",
+    "rotary_dim": "RoPE: dimensions of each head rotated (default d_head)",
+    "norm": "normalisation: layernorm (GPT-2's) or rmsnorm",
+    "mlp": "MLP: gelu (GPT-2's) or swiglu (gated; d_mlp its hidden width)",
+    "qk_norm": "RMSNorm of each head's queries and keys before the dot product",
+    "attn_bias": "bias on the attention output projection (QKV's is --qkv-bias)",
+    "mlp_bias": "biases on the MLP's linear layers",
 }
 
 
