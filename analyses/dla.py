@@ -38,7 +38,9 @@ def component_stack(model, cache) -> tuple[Float[Tensor, "component batch pos d_
     if not model.cfg.attn_only:
         parts.append(torch.stack([cache["mlp_out", l] for l in range(L)]))
         names += [f"L{l}MLP" for l in range(L)]
-    parts.append(torch.stack([cache["embed"], cache["pos_embed"]]))
+    # A rotary model's positions act inside attention: they write nothing here.
+    pos_embed = cache["pos_embed"] if "hook_pos_embed" in cache.cache_dict else torch.zeros_like(cache["embed"])
+    parts.append(torch.stack([cache["embed"], pos_embed]))
     names += ["embed", "pos_embed"]
     bias = torch.stack([model.blocks[l].attn.b_O.detach() for l in range(L)]).sum(0)
     parts.append(bias.expand_as(cache["embed"])[None])
@@ -110,11 +112,8 @@ def main(argv=None) -> int:
     target = f"logit({args.answer!r})" + (f" - logit({args.wrong!r})" if args.wrong else "")
     page.add_text(f"prompt: {args.prompt!r}; attributing {target} at position {args.pos}")
     add_to_page(page, result, "Direct logit attribution")
-    page.save(out / "report.html")
-    cli.write_json(out / "results.json", {"args": vars(args), "heads": to_jsonable(result.heads),
+    return cli.finish(out, page.save, {"args": vars(args), "heads": to_jsonable(result.heads),
                                           "mlps": to_jsonable(result.mlps), "other": result.other, "total": result.total})
-    print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from torch import Tensor
 
 BLOCK_HOOKS = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn_in", "q_input", "k_input",
                "v_input", "mlp_in"}
-ATTN_HOOKS = {"q", "k", "v", "z", "attn_scores", "pattern", "result"}
-MLP_HOOKS = {"pre", "post"}
+ATTN_HOOKS = {"q", "k", "v", "z", "attn_scores", "pattern", "result", "rot_q", "rot_k"}
+MLP_HOOKS = {"pre", "post", "pre_linear"}
 LN_HOOKS = {"scale", "normalized"}
 # TransformerLens's aliases of activation names and of layer types.
 ALIASES = {"attn": "pattern", "scores": "attn_scores", "attn_logits": "attn_scores", "key": "k", "query": "q",
@@ -219,9 +219,9 @@ class ActivationCache:
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
         components, labels = [], []
-        if incl_embeds:
-            components += [self["embed"], self["pos_embed"]]
-            labels += ["embed", "pos_embed"]
+        if incl_embeds:  # rotary models have no pos_embed: positions act inside attention
+            labels += [name for name in ("embed", "pos_embed") if f"hook_{name}" in self.cache_dict]
+            components += [self[name] for name in labels]
         for l in range(layer + (1 if mlp_input and layer < self.n_layers else 0)):
             if mode in ("all", "attn"):
                 components.append(self["attn_out", l])
@@ -361,6 +361,8 @@ class ActivationCache:
         scale = slice_pos(self.cache_dict[scale_name], pos_slice, -2)
         if self.has_batch_dim and batch_slice is not None:
             scale = slice_pos(scale, batch_slice, 0)
+        if self.model.cfg.norm == "rmsnorm":  # RMSNorm does not centre
+            return residual_stack / scale
         centred = residual_stack - residual_stack.mean(-1, keepdim=True)
         return centred / scale
 

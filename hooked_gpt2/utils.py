@@ -2,7 +2,7 @@
 import line to work here: ``from hooked_gpt2 import utils; utils.get_act_name("k", 1)``."""
 
 from .cache import get_act_name, slice_pos
-from .model import _next_token_loss
+from .losses import next_token_loss
 
 
 def lm_cross_entropy_loss(logits, tokens, attention_mask=None, per_token: bool = False):
@@ -10,7 +10,7 @@ def lm_cross_entropy_loss(logits, tokens, attention_mask=None, per_token: bool =
     ``logits`` for ``tokens`` (``[batch pos-1]`` with ``per_token``)."""
     if attention_mask is not None:
         raise ValueError("attention_mask is not supported: slice off the padding, or mask per_token losses")
-    return _next_token_loss(logits, tokens.to(logits.device), per_token)
+    return next_token_loss(logits, tokens, per_token)
 
 
 def to_numpy(tensor):
