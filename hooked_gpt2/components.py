@@ -52,6 +52,23 @@ class RMSNorm(nn.Module):
         return (self.hook_normalized(x_in / scale) * self.weight).to(x.dtype)
 
 
+class RMSNormPre(nn.Module):
+    """An RMSNorm whose weight was folded into the weights that read it
+    (``processing.fold_ln``): scale only, TransformerLens's ``RMSNormPre``."""
+
+    def __init__(self, cfg: GPT2Config, length: int | None = None):
+        super().__init__()
+        self.eps = cfg.layer_norm_eps
+        self.hook_scale = HookPoint()  # [... 1]
+        self.hook_normalized = HookPoint()  # [... length]
+
+    def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+        if not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
+            return F.rms_norm(x, x.shape[-1:], None, self.eps)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary positions (RoPE): rotates the first ``rotary_dim`` dimensions of each head's
     queries and keys by angles proportional to their position, so that their dot product

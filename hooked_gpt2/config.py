@@ -89,11 +89,12 @@ class GPT2Config:
     use_split_qkv_input = False  # blocks.L.hook_q_input / hook_k_input / hook_v_input
     use_attn_in = False  # blocks.L.hook_attn_in
     use_hook_mlp_in = False  # blocks.L.hook_mlp_in
-    normalization_type = "LN"  # "LNPre" once the layer norms are folded
+    normalization_type = "LN"  # "LNPre" once folded; "RMS" / "RMSPre" with rmsnorm (see __post_init__)
     device = None
     dtype = None
     # Constants of the architecture, under TransformerLens's names.
-    positional_embedding_type = "standard"
+    positional_embedding_type = property(lambda self: "rotary" if self.positional == "rotary" else "standard")
+    gated_mlp = property(lambda self: self.mlp == "swiglu")
     n_key_value_heads = None  # no grouped-query attention
     default_prepend_bos = True
     original_architecture = "GPT2LMHeadModel"
@@ -110,6 +111,8 @@ class GPT2Config:
             self.d_mlp = 4 * self.d_model
         if self.rotary_dim is None and self.positional == "rotary":
             self.rotary_dim = self.d_head
+        if self.norm == "rmsnorm":
+            self.normalization_type = "RMS"
         self.validate()
 
     def validate(self) -> None:

@@ -565,7 +565,7 @@ class HookedGPT2(TextMixin, HookedRootModule):
         return model.process_weights_(**processing) if process_weights else model
 
     def _check_unprocessed(self, action: str) -> None:
-        if self.cfg.normalization_type != "LN" or self.unembed.bias is not None:
+        if self.cfg.normalization_type.endswith("Pre") or self.unembed.bias is not None:
             raise ValueError(
                 f"{action} writes the unprocessed architecture, and this model's weights were processed "
                 "(folded layer norms / an unembedding bias): save the model before process_weights_, "

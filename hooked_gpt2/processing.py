@@ -4,12 +4,16 @@ the unembedding shifts each position's logits by a constant) and moves weights t
 an analysis reads them more simply.
 
 - ``fold_ln``: each layer norm's weight and bias move into the weights that read its
-  output (W_Q/W_K/W_V, W_in, W_U and their biases); the layer norms become ``LNPre``
-  (centre and scale only). With ``center_weights`` those reading weights are also
-  centred over d_model, since they only ever see a centred stream.
+  output (W_Q/W_K/W_V, W_in (and SwiGLU's W_gate), W_U and their biases); the layer
+  norms become ``LNPre`` (centre and scale only). With ``center_weights`` those reading
+  weights are also centred over d_model, since they only ever see a centred stream.
+  RMSNorm's weight is folded the same way (it has no bias and does not centre, so
+  nothing is centred) and the norms become ``RMSNormPre``, as TransformerLens does.
+  QK-norm's per-head norms stay as they are (TransformerLens does not fold them either).
 - ``center_writing_weights``: everything that writes to the residual stream (W_E, W_pos,
   W_O, b_O, W_out, b_out) writes mean-zero vectors, which the next layer norm would have
-  removed anyway.
+  removed anyway. Skipped for RMSNorm models, which do not remove the mean (as in
+  TransformerLens); a rotary model has no W_pos to centre.
 - ``center_unembed``: W_U and b_U have zero mean over the vocabulary (logits change by a
   per-position constant; softmax is unchanged).
 - ``fold_value_biases``: b_V moves into b_O (each head's pattern sums to 1, so a value
@@ -28,6 +32,7 @@ import einops
 import torch
 from torch import Tensor, nn
 
+from .components import RMSNorm, RMSNormPre
 from .factored_matrix import FactoredMatrix
 from .model import LayerNorm, LNPre
 
@@ -45,14 +50,21 @@ def _untie_unembedding(model) -> None:
     _ensure_bias(model.unembed)
 
 
-def _fold_into(ln: nn.Module, reader: nn.Linear, center_weights: bool) -> None:
-    """``reader(ln(x))`` with ln's weight and bias moved into ``reader`` (whose weight is
-    ``[out d_model]``): bias += W b, then W *= w, then (optionally) centre W over d_model."""
-    bias = _ensure_bias(reader)
-    bias += reader.weight @ ln.bias
-    reader.weight *= ln.weight
-    if center_weights:
-        reader.weight -= reader.weight.mean(1, keepdim=True)
+def _fold_into(ln: nn.Module, readers: list[nn.Linear], center_weights: bool) -> None:
+    """``reader(ln(x))`` with ln's weight and bias moved into each ``reader`` (whose weight
+    is ``[out d_model]``): bias += W b, then W *= w, then (optionally) centre W over
+    d_model. RMSNorm has no bias, and its readers see an uncentred stream: W *= w only."""
+    for reader in readers:
+        if isinstance(ln, LayerNorm):
+            bias = _ensure_bias(reader)
+            bias += reader.weight @ ln.bias
+        reader.weight *= ln.weight
+        if center_weights and isinstance(ln, LayerNorm):
+            reader.weight -= reader.weight.mean(1, keepdim=True)
+
+
+def _mlp_readers(mlp: nn.Module) -> list[nn.Linear]:
+    return [mlp.fc_gate, mlp.fc_in] if hasattr(mlp, "fc_gate") else [mlp.fc_in]
 
 
 def _center_writer(linear: nn.Linear) -> None:
@@ -65,20 +77,23 @@ def _center_writer(linear: nn.Linear) -> None:
 @torch.no_grad()
 def fold_ln(model, center_weights: bool = True) -> None:
     """Fold every layer norm's weight and bias into the weights that read it; the layer
-    norms become ``LNPre``. A model already folded is left as it is."""
-    if model.cfg.normalization_type == "LNPre":
+    norms become ``LNPre`` (``RMSNormPre`` for RMSNorm). A model already folded is left
+    as it is."""
+    if model.cfg.normalization_type.endswith("Pre"):
         return
+    rms = isinstance(model.ln_final, RMSNorm)
+    Pre = RMSNormPre if rms else LNPre
     _untie_unembedding(model)
     for block in model.blocks:
-        _fold_into(block.ln1, block.attn.qkv, center_weights)
-        block.ln1 = LNPre(model.cfg)
+        _fold_into(block.ln1, [block.attn.qkv], center_weights)
+        block.ln1 = Pre(model.cfg)
         if not model.cfg.attn_only:
-            _fold_into(block.ln2, block.mlp.fc_in, center_weights)
-            block.ln2 = LNPre(model.cfg)
-    _fold_into(model.ln_final, model.unembed, center_weights)
-    model.ln_final = LNPre(model.cfg)
-    model.cfg.normalization_type = "LNPre"
-    model.cfg.qkv_bias = True
+            _fold_into(block.ln2, _mlp_readers(block.mlp), center_weights)
+            block.ln2 = Pre(model.cfg)
+    _fold_into(model.ln_final, [model.unembed], center_weights)
+    model.ln_final = Pre(model.cfg)
+    model.cfg.normalization_type = "RMSPre" if rms else "LNPre"
+    model.cfg.qkv_bias = model.blocks[0].attn.qkv.bias is not None
     model.to(model.W_E.device)  # the new LNPre modules hold nothing, but keep one device
     model.setup_hooks()
 
@@ -86,8 +101,11 @@ def fold_ln(model, center_weights: bool = True) -> None:
 @torch.no_grad()
 def center_writing_weights(model) -> None:
     """Make W_E, W_pos, W_O, b_O, W_out and b_out write mean-zero vectors."""
+    if isinstance(model.ln_final, (RMSNorm, RMSNormPre)):
+        raise ValueError("center_writing_weights needs layer norms that remove the mean; RMSNorm does not, "
+                         "so centring would change the model (process_weights_ skips it for RMSNorm models)")
     _untie_unembedding(model)  # centring W_E must not centre W_U with it
-    for embedding in (model.embed, model.pos_embed):
+    for embedding in (model.embed, model.pos_embed) if model.learned_positions else (model.embed,):
         embedding.weight -= embedding.weight.mean(1, keepdim=True)
     for block in model.blocks:
         _center_writer(block.attn.out)
@@ -112,6 +130,7 @@ def fold_value_biases(model, center: bool = False) -> None:
         if attn.qkv.bias is None:
             continue
         value_bias = attn.qkv.bias.view(3, -1)[2]
+        _ensure_bias(attn.out)
         attn.out.bias += attn.out.weight @ value_bias
         value_bias.zero_()
         if center:
@@ -152,10 +171,19 @@ def process_weights_(
 ) -> None:
     """TransformerLens's processing, in its order (its ``from_pretrained`` defaults).
 
-    Centring writers assumes a layer norm reads them: as in TransformerLens, it is done
-    here for a model with layer norms, which every HookedGPT2 has."""
-    if not isinstance(model.ln_final, (LayerNorm, LNPre)):
-        raise ValueError("weight processing needs LayerNorm layer norms")
+    Centring writers assumes a layer norm that removes the mean reads them: as in
+    TransformerLens, ``center_writing_weights`` is skipped for RMSNorm models. Refactoring
+    the QK matrices is refused with rotary positions or QK-norm, which act between W_Q
+    and W_K (TransformerLens refuses rotary too)."""
+    unsupported = [name for name, present in (("rotary positions", model.cfg.positional == "rotary"),
+                                               ("QK-norm", model.cfg.qk_norm)) if present]
+    if refactor_factored_attn_matrices and unsupported:
+        raise ValueError(
+            f"refactor_factored_attn_matrices is not supported with {' and '.join(unsupported)} (the QK circuit "
+            "then depends on more than W_Q and W_K): process with refactor_factored_attn_matrices=False"
+        )
+    if isinstance(model.ln_final, (RMSNorm, RMSNormPre)):
+        center_writing_weights = False
     from . import processing as steps  # the flags shadow the step functions' names
 
     if fold_ln:

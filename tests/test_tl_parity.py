@@ -440,3 +440,73 @@ def test_permanent_hooks_and_act_names_match(pair):
         results.append((both, permanent, model(tokens), torch.tensor(seen), torch.tensor(calls or 0)))
     for ours, theirs in zip(*results):
         close(ours, theirs)
+
+
+# Architecture variants: RMSNorm, rotary positions and SwiGLU (a Llama-style model).
+
+
+def tl_variant(model, processing: dict):
+    """TransformerLens's HookedTransformer with ``model``'s weights, read through
+    TransformerLens's own names (W_Q [head d_model d_head] etc., as ours are)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    c = model.cfg
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layers, d_model=c.d_model, n_heads=c.n_heads, d_head=c.d_head, d_mlp=c.d_mlp, n_ctx=c.n_ctx,
+        d_vocab=c.d_vocab, act_fn="silu", gated_mlp=True, normalization_type="RMS", final_rms=True,
+        positional_embedding_type="rotary", rotary_dim=c.rotary_dim, rotary_base=c.rotary_base,
+        rotary_adjacent_pairs=False, eps=c.layer_norm_eps, device="cpu",
+    )
+    state = {"embed.W_E": model.W_E, "ln_final.w": model.ln_final.w, "unembed.W_U": model.W_U, "unembed.b_U": model.b_U}
+    for l, block in enumerate(model.blocks):
+        state[f"blocks.{l}.ln1.w"], state[f"blocks.{l}.ln2.w"] = block.ln1.w, block.ln2.w
+        for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
+            state[f"blocks.{l}.attn.{name}"] = getattr(block.attn, name)
+        for name in ("W_in", "W_gate", "W_out", "b_in", "b_out"):
+            state[f"blocks.{l}.mlp.{name}"] = getattr(block.mlp, name)
+    state = {k: v.detach().clone() for k, v in state.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = HookedTransformer(cfg)
+        theirs.load_and_process_state_dict(state, **processing)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("processing", [NO_PROCESSING, PROCESSING], ids=["unprocessed", "processed"])
+def test_llama_style_model_and_its_processing_match(processing):
+    """RMSNorm's weight folds into the readers (RMSNormPre, no centring), writers are not
+    centred (TransformerLens skips that for RMS models) and there is no W_pos to centre."""
+    from tests.reference_variants import make_variant
+
+    ours = make_variant("llama", d_vocab=300, n_ctx=32)
+    theirs = tl_variant(ours, processing)
+    if processing["fold_ln"]:
+        ours.process_weights_()
+        assert ours.cfg.normalization_type == theirs.cfg.normalization_type == "RMSPre"
+    tokens = torch.tensor([[1, 5, 17, 3, 99, 42, 42, 8, 250, 63], [2, 2, 7, 11, 13, 17, 19, 23, 29, 31]])
+    (our_logits, our_cache), (their_logits, their_cache) = ours.run_with_cache(tokens), theirs.run_with_cache(tokens)
+    close(our_logits, their_logits)
+    shared = [name for name in their_cache if name in our_cache.cache_dict]
+    for name in ("blocks.1.attn.hook_rot_q", "blocks.0.mlp.hook_pre_linear", "blocks.1.ln2.hook_normalized",
+                 "ln_final.hook_scale", "blocks.0.attn.hook_z"):
+        assert name in shared
+    for name in shared:
+        close(our_cache[name], their_cache[name])
+    for method, kwargs in [("accumulated_resid", dict(apply_ln=True)), ("decompose_resid", dict(apply_ln=True)),
+                           ("stack_head_results", dict(apply_ln=True))]:
+        ours_stack = getattr(our_cache, method)(**kwargs)
+        close(ours_stack, getattr(their_cache, method)(**kwargs))
+    close(ours.W_U, theirs.W_U)
+    close(ours.blocks[0].mlp.W_gate, theirs.blocks[0].mlp.W_gate)
+
+
+def test_processing_refuses_what_it_cannot_do_on_variants():
+    from tests.reference_variants import make_variant
+
+    for name in ("rotary", "qk_norm"):
+        with pytest.raises(ValueError, match="refactor_factored_attn_matrices is not supported"):
+            make_variant(name).process_weights_(refactor_factored_attn_matrices=True)
+    from hooked_gpt2 import processing
+
+    with pytest.raises(ValueError, match="RMSNorm does not"):
+        processing.center_writing_weights(make_variant("rmsnorm"))
