@@ -13,7 +13,7 @@ from analyses import compare_runs
 from tests.test_analyses_browser import CHROMIUM, chromium
 from training import rundir
 from training import study as study_module
-from training.study import StudyError, StudyInterrupted, load_study, run_study
+from training.study import StudyError, StudyInterrupted, load_study, resolve_study, run_config, run_study
 
 STUDY_TOML = """
 name = "tiny"
@@ -194,3 +194,18 @@ def test_compare_runs_user_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_runs.cli.run(compare_runs.main, [str(tmp_path / "notarun")])
     assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vary, seeds, orders", [("init", [3, 7], [None, None]), ("data", [0, 0], [3, 7]),
+                                                  ("both", [3, 7], [3, 7])])
+def test_a_study_varies_initialisation_data_order_or_both(vary, seeds, orders, tmp_path):
+    study = resolve_study({"seeds": [3, 7], "vary": vary, "baseline": {"preset": "tiny"},
+                           "variants": {"x": {"lr": 1e-3}}})
+    for variant in ("baseline", "x"):
+        configs = [run_config(study, variant, n, tmp_path) for n in (3, 7)]
+        assert [c.seed for c in configs] == seeds and [c.data_order_seed for c in configs] == orders
+        assert [c.out for c in configs] == [str(tmp_path / variant / f"seed_{n}") for n in (3, 7)]
+    with pytest.raises(StudyError, match="vary must be"):
+        resolve_study({"vary": "weights"})
+    with pytest.raises(StudyError, match="data_order_seed"):
+        resolve_study({"baseline": {"data_order_seed": 1}})

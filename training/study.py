@@ -8,6 +8,7 @@ A study file (TOML)::
 
     name = "example"
     seeds = [0, 1]
+    vary = "init"              # which noise the seeds vary: "init", "data" or "both" (see below)
     [baseline]                 # TrainConfig keys (as in RUN/config.json), [baseline.model] for GPT2Config
     preset = "tiny"
     max_steps = 100
@@ -17,11 +18,18 @@ A study file (TOML)::
     stack = ["no_dropout", "..."]
 
 Runs go to ``STUDY_DIR/<variant>/seed_<n>/``, the baseline first, one after another; the
-resolved plan is ``STUDY_DIR/study.json``. Every run reads the training data in the same
-order (the loader is sequential and does not depend on the seed); the seed sets the
-initial weights and the dropout masks, so for a given seed all variants share data order
-and, where shapes agree, initialisation. A re-run skips finished runs (their final
-checkpoint exists) and resumes an interrupted one.
+resolved plan is ``STUDY_DIR/study.json``. Two kinds of noise separate the seeds of a
+variant, and ``vary`` says which the study varies:
+
+- ``init`` (the default): run ``seed_n`` has initialisation (and dropout) seed n and reads
+  the training data in order, the same for every run;
+- ``data``: every run has initialisation seed ``init_seed`` (default 0), and run ``seed_n``
+  reads the training sequences in the shuffled order of data-order seed n;
+- ``both``: run ``seed_n`` has initialisation seed n and data-order seed n.
+
+Either way, for a given n all variants share data order and, where shapes agree,
+initialisation, so differences can be paired by seed. A re-run skips finished runs (their
+final checkpoint exists) and resumes an interrupted one.
 """
 
 import argparse
@@ -38,7 +46,8 @@ from .config import EXPERIMENT_ROLES, TrainConfig, changed_fields, fields_with_r
 from .train import TrainingError, train
 
 BASELINE = "baseline"
-STUDY_KEYS = {"name", "seeds", "baseline", "variants", "out"}
+STUDY_KEYS = {"name", "seeds", "vary", "init_seed", "baseline", "variants", "out"}
+VARY = ("init", "data", "both")
 NOT_PER_RUN = {"out", "resume", "overwrite", *fields_with_roles("replicate")}  # the study sets these for each run
 
 
@@ -76,6 +85,12 @@ def resolve_study(raw: dict, default_name: str = "study") -> dict:
     seeds = raw.get("seeds", [0, 1])
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)):
         raise StudyError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    vary, init_seed = raw.get("vary", "init"), raw.get("init_seed", 0)
+    if vary not in VARY:
+        raise StudyError(f"vary must be one of {', '.join(VARY)} (which noise the seeds vary), got {vary!r}")
+    if not isinstance(init_seed, int) or "init_seed" in raw and vary != "data":
+        raise StudyError(f"init_seed is the one initialisation seed of a study with vary = \"data\"; got {init_seed!r} "
+                         f"with vary = {vary!r}")
     baseline = _normalise(raw.get("baseline", {}), BASELINE)
     variants = {BASELINE: {"overrides": {}, "stack": []}}
     raw_variants = raw.get("variants", {})
@@ -101,8 +116,8 @@ def resolve_study(raw: dict, default_name: str = "study") -> dict:
             TrainConfig.from_dict(variant["config"]).model_config()  # unknown keys, bad values
         except (ConfigError, TypeError) as e:
             raise StudyError(f"variant {name!r}: {e}") from None
-    return {"name": raw.get("name", default_name), "seeds": seeds, "baseline": baseline, "variants": variants,
-            "out": raw.get("out")}
+    return {"name": raw.get("name", default_name), "seeds": seeds, "vary": vary, "init_seed": init_seed,
+            "baseline": baseline, "variants": variants, "out": raw.get("out")}
 
 
 def _normalise(table: dict, where: str) -> dict:
@@ -127,9 +142,12 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 
 def run_config(study: dict, variant: str, seed: int, study_dir: Path) -> TrainConfig:
-    """The TrainConfig of one run of the study."""
+    """The TrainConfig of run ``seed_<seed>`` of ``variant``: its seeds as the study's ``vary`` says."""
     settings = {"progress": False, **study["variants"][variant]["config"]}
-    return TrainConfig.from_dict({**settings, "seed": seed, "out": str(rundir.study_run_dir(study_dir, variant, seed))})
+    vary = study.get("vary", "init")
+    replicate = {"seed": study.get("init_seed", 0) if vary == "data" else seed,
+                 "data_order_seed": seed if vary in ("data", "both") else None}
+    return TrainConfig.from_dict({**settings, **replicate, "out": str(rundir.study_run_dir(study_dir, variant, seed))})
 
 
 def check_unchanged(cfg: TrainConfig, path: Path) -> None:
