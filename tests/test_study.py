@@ -5,9 +5,11 @@ equals a direct computation from the runs' metrics files."""
 import json
 import math
 import re
+import shutil
 import statistics
 
 import pytest
+import scipy.stats
 
 from analyses import compare_runs
 from tests.test_analyses_browser import CHROMIUM, chromium
@@ -209,3 +211,101 @@ def test_a_study_varies_initialisation_data_order_or_both(vary, seeds, orders, t
         resolve_study({"vary": "weights"})
     with pytest.raises(StudyError, match="data_order_seed"):
         resolve_study({"baseline": {"data_order_seed": 1}})
+
+
+def planted_over_training(variant: str, seed: int) -> dict:
+    """over_training.json of one run with planted values: no_dropout's in-context learning
+    is far above the baseline's (beyond noise), induction scores differ by less than the
+    seeds do; baseline seed 7 never forms an induction head and has no ablation."""
+    bump = 1.0 if variant == "no_dropout" else 0.0
+    jitter = {3: 0.01, 7: -0.02}[seed]
+    rows = []
+    for i, step in enumerate((0, 3, 6)):
+        rows.append({"step": step, "tokens_seen": step * 64, "icl": i * (0.5 + bump) + jitter, "icl_first": 9.0,
+                     "heads": {"induction": [[0.2 * i + jitter, 0.1]], "previous_token": [[0.3, 0.1 * i - jitter]],
+                               "duplicate_token": [[0.0, 0.0]]},
+                     "logit_lens": [7.0 - i - bump / 2 + jitter],
+                     "k_composition": [[0.5]]})  # a metric this comparison does not know: ignored
+        if not (variant == "baseline" and seed == 7):
+            rows[-1]["ablation"] = [[0.6 + bump + jitter, 0.2 - jitter]]
+    crossing = None if (variant, seed) == ("baseline", 7) else {"step": 3 + 3 * (variant == "baseline"), "tokens_seen": 64 * (3 + 3 * (variant == "baseline")), "head": [0, 0], "score": 0.6}
+    return {"run_dir": "x", "metrics": ["icl", "heads", "logit_lens", "ablation"], "options": {}, "notes": [],
+            "checkpoints": rows, "crossing": crossing}
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, on planted differences equal across seeds
+def test_learned_comparison_equals_direct_computation_from_over_training_json(tiny_study, tmp_path):
+    _, original, *_ = tiny_study
+    out = tmp_path / "study"
+    shutil.copytree(original, out, ignore=shutil.ignore_patterns("analysis", "comparison.*"))
+    files = {}
+    for variant in ("baseline", "no_dropout"):
+        for seed in (3, 7):
+            path = out / variant / f"seed_{seed}" / "analysis" / "over_training.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(planted_over_training(variant, seed)))
+            files[variant, seed] = path
+    result = compare_runs.compare([out], log=lambda *a: None)  # reads the files: nothing to compute
+    assert all(not (p.parent / "over_training").exists() for p in files.values())
+
+    def direct(variant, read):
+        return [read(json.loads(files[variant, s].read_text())) for s in (3, 7)]
+
+    def top_share(d):
+        effects = sorted((max(0, x) for x in d["checkpoints"][-1]["ablation"][0]), reverse=True)
+        return effects[0] / sum(effects)
+
+    readers = {
+        "final_icl": lambda d: d["checkpoints"][-1]["icl"],
+        "max_icl": lambda d: max(r["icl"] for r in d["checkpoints"]),
+        "best_induction": lambda d: max(d["checkpoints"][-1]["heads"]["induction"][0]),
+        "best_previous_token": lambda d: max(d["checkpoints"][-1]["heads"]["previous_token"][0]),
+        "logit_lens_0": lambda d: d["checkpoints"][-1]["logit_lens"][0],
+    }
+    learned = result["learned"]
+    for metric, read in readers.items():
+        b, n = direct("baseline", read), direct("no_dropout", read)
+        got = learned[metric]["variants"]
+        assert got["baseline"]["values"] == b and got["no_dropout"]["values"] == n
+        assert got["no_dropout"]["mean"] == pytest.approx(statistics.mean(n), abs=1e-12)
+        assert got["no_dropout"]["std"] == pytest.approx(statistics.stdev(n), abs=1e-12)
+        reference = scipy.stats.ttest_ind(n, b, equal_var=False).confidence_interval(0.95)
+        w = got["no_dropout"]["welch"]
+        assert (w["low"], w["high"]) == (pytest.approx(reference.low, abs=1e-9), pytest.approx(reference.high, abs=1e-9))
+        ref_pair = scipy.stats.ttest_rel(n, b).confidence_interval(0.95)
+        pair = got["no_dropout"]["paired"]
+        assert (pair["low"], pair["high"]) == (pytest.approx(ref_pair.low, abs=1e-9), pytest.approx(ref_pair.high, abs=1e-9))
+        assert w["exceeds_noise"] == (not reference.low <= 0 <= reference.high)
+    assert learned["final_icl"]["variants"]["no_dropout"]["welch"]["exceeds_noise"] is True  # planted +1.0 x 2
+    assert learned["best_induction"]["variants"]["no_dropout"]["welch"]["exceeds_noise"] is False
+    # Missing stays missing: baseline seed 7 has no crossing and no ablation (not zeros).
+    crossing = learned["crossing_step"]["variants"]
+    assert crossing["baseline"]["values"] == [6.0, None] and crossing["baseline"]["n"] == 1
+    assert crossing["no_dropout"]["welch"]["diff"] == pytest.approx(3.0 - 6.0) and "paired" not in crossing["no_dropout"]
+    share = learned["largest_head_share"]["variants"]
+    assert share["baseline"]["values"] == [top_share(json.loads(files["baseline", 3].read_text())), None]
+    assert share["no_dropout"]["values"] == pytest.approx(direct("no_dropout", top_share))
+    assert learned["heads_for_80pct"]["variants"]["no_dropout"]["values"] == [1.0, 1.0]  # 1.61 of 1.79 (and 1.58 of 1.80) in the largest
+    assert "k_composition" not in learned
+    # In words: the planted difference beyond noise, the others within it, missing ones said.
+    text = compare_runs.markdown_table(result)
+    assert "no_dropout: in-context learning score at the last checkpoint is higher than in baseline by 2" in text
+    assert "no_dropout (best_induction)" in text.split("Within seed noise")[1]
+    assert "| crossing_step | baseline | 1 of 2 | 6 ± n/a |" in text
+    assert "initialisation (and dropout) seed varied; data-order seed fixed" in text
+    # Curves: per metric, per variant, one series per run, from the files' rows.
+    icl_curves = result["learned_curves"]["icl"]["no_dropout"]
+    assert [sorted(c.items()) for c in icl_curves] == [
+        [(r["step"], (r["tokens_seen"], r["icl"])) for r in json.loads(files["no_dropout", s].read_text())["checkpoints"]]
+        for s in (3, 7)]
+
+
+def test_compare_runs_computes_over_training_where_missing_and_says_which_noise(tiny_study):
+    _, out, *_ = tiny_study
+    result = compare_runs.compare([out], log=lambda *a: None)
+    for variant in ("baseline", "no_dropout"):
+        files = [out / variant / f"seed_{s}" / "analysis" / "over_training.json" for s in (3, 7)]
+        saved = [json.loads(f.read_text()) for f in files]
+        assert all("ablation" in s["metrics"] for s in saved)
+        assert result["learned"]["final_icl"]["variants"][variant]["values"] == [s["checkpoints"][-1]["icl"] for s in saved]
+    assert result["noise"] == {"seed": "varied", "data_order_seed": "fixed (null)"}
