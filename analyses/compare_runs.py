@@ -113,10 +113,7 @@ def group_runs(paths: list[Path]) -> tuple[dict[str, list[Path]], dict[str, list
     if study is not None:
         groups = {}
         for variant in study["variants"]:
-            runs = [rundir.study_run_dir(paths[0], variant, s) for s in study["seeds"]]
-            groups[variant] = [r for r in runs if rundir.has_config(r)]
-            if not groups[variant]:
-                raise AnalysisError(f"variant {variant!r} of {paths[0]} has no runs yet: run the study first")
+            groups[variant] = [rundir.study_run_dir(paths[0], variant, s) for s in study["seeds"]]
         return groups, {v: spec.get("stack", []) for v, spec in study["variants"].items()}
     groups: dict[str, list[Path]] = {}
     keys: dict[str, str] = {}
@@ -134,6 +131,37 @@ def group_runs(paths: list[Path]) -> tuple[dict[str, list[Path]], dict[str, list
             groups[name] = []
         groups[keys[key]].append(path)
     return groups, {}
+
+
+def finished_runs(groups: dict[str, list[Path]]) -> tuple[dict[str, list[Path]], list[dict]]:
+    """The finished runs of each variant (variants with none are dropped), and the runs left
+    out: ``{"variant", "run", "status", "reason"}`` for each run not finished (failed, still
+    interrupted, not started), so that a report can say which seeds its means lack."""
+    finished, left_out = {}, []
+    for name, runs in groups.items():
+        for run in runs:
+            status = rundir.run_status(run)
+            if status == "finished" and _has_final_loss(run):
+                finished.setdefault(name, []).append(run)
+                continue
+            reason = {"failed": f"failed: {rundir.failure(run)}", "new": "not started",
+                      "interrupted": f"interrupted at step {_last_step(run)}; re-run the study to resume it",
+                      "finished": "no validation loss at its last step"}[status]
+            left_out.append({"variant": name, "run": str(run), "status": status, "reason": reason})
+    return finished, left_out
+
+
+def _has_final_loss(run: Path) -> bool:
+    try:
+        final_val_loss(run)
+        return True
+    except AnalysisError:
+        return False
+
+
+def _last_step(run: Path) -> int | None:
+    steps = [step for step, _ in rundir.list_checkpoints(run)]
+    return steps[-1] if steps else None
 
 
 def seed_of(run: Path):
@@ -194,16 +222,21 @@ def compare(paths: list[str | Path], over_training: bool = True, compute: bool =
     for path in paths:
         if not path.is_dir():
             raise AnalysisError(f"{path} does not exist")
-    groups, stacks = group_runs(paths)
-    baseline = next(iter(groups))
+    planned, stacks = group_runs(paths)
+    groups, left_out = finished_runs(planned)
+    baseline = next(iter(planned))
+    if baseline not in groups:
+        raise AnalysisError(f"the baseline {baseline!r} has no finished run: finish it (python -m training.study "
+                            "resumes a study) before comparing against it")
     seeds = {name: [seed_of(r) for r in runs] for name, runs in groups.items()}
     losses = {name: [final_val_loss(r) for r in runs] for name, runs in groups.items()}
     variants = {}
     for name, summary in summarise(losses, seeds, baseline).items():
-        variants[name] = {"runs": [str(r) for r in groups[name]], "seeds": seeds[name], "final_val_loss": losses[name],
+        variants[name] = {"runs": [str(r) for r in groups[name]], "seeds": seeds[name], "planned": len(planned[name]),
+                          "final_val_loss": losses[name],
                           "mean": summary["mean"], "std": summary["std"], "stack": stacks.get(name, []),
                           **{k: summary[k] for k in ("welch", "paired") if k in summary}}
-    result = {"baseline": baseline, "level": LEVEL, "noise": noise(groups), "variants": variants}
+    result = {"baseline": baseline, "level": LEVEL, "noise": noise(groups), "variants": variants, "left_out": left_out}
     if over_training:
         results = {name: [learned.load_over_training(r, compute, log) for r in runs] for name, runs in groups.items()}
         per_run = {name: [learned.run_values(r) for r in rs] for name, rs in results.items()}
@@ -223,18 +256,40 @@ def markdown_table(result: dict) -> str:
              f"| variant | seeds | final val loss (mean ± std) | Δ vs {result['baseline']} [{pct}% CI, Welch] | "
              f"exceeds noise | paired Δ [{pct}% CI] |", "|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
-        label = f"{name} (stacked: {' + '.join(v['stack'])})" if v["stack"] else name
+        label = variant_label(name, v)
         std = "n/a" if v["std"] is None else f"{v['std']:.4f}"
-        row = [label, str(len(v["seeds"])), f"{v['mean']:.4f} ± {std}"]
+        row = [label, seeds_text(v), f"{v['mean']:.4f} ± {std}"]
         if name == result["baseline"]:
             row += ["(baseline)", "", ""]
         else:
             w = v["welch"]
             row += [_interval(w), _yes_no(w["exceeds_noise"]), _interval(v["paired"]) if "paired" in v else "n/a"]
         lines.append("| " + " | ".join(row) + " |")
+    if result.get("left_out"):
+        lines += ["", left_out_text(result)]
     if "learned" in result:
         lines += ["", learned_table(result), learned_in_words(result)]
     return "\n".join(lines) + "\n"
+
+
+def variant_label(name: str, v: dict) -> str:
+    label = f"{name} (stacked: {' + '.join(v['stack'])})" if v["stack"] else name
+    return label if len(v["seeds"]) == v.get("planned", len(v["seeds"])) else f"{label} ⚠ fewer seeds"
+
+
+def seeds_text(v: dict) -> str:
+    planned = v.get("planned", len(v["seeds"]))
+    return str(planned) if len(v["seeds"]) == planned else f"{len(v['seeds'])} of {planned} finished"
+
+
+def left_out_text(result: dict) -> str:
+    """The runs not in the means, each with why: failed runs are reported, never dropped silently."""
+    lines = ["Runs left out of the means (⚠ marks variants with fewer finished seeds):", ""]
+    lines += [f"- {r['variant']}: {r['run']}: {r['status']} ({r['reason']})" for r in result["left_out"]]
+    missing = sorted({r["variant"] for r in result["left_out"]} - set(result["variants"]))
+    if missing:
+        lines += ["", f"Variants with no finished run, not compared: {', '.join(missing)}."]
+    return "\n".join(lines)
 
 
 def noise_text(result: dict) -> str:
@@ -309,12 +364,13 @@ def write_report(result: dict, out: Path) -> Path:
     header = ["variant", "seeds", "mean", "std", "Δ vs baseline", "CI low", "CI high", "exceeds noise", "paired Δ", "paired CI"]
     rows = []
     for name, v in result["variants"].items():
-        label = f"{name} (stacked: {' + '.join(v['stack'])})" if v["stack"] else name
         w, pr = v.get("welch"), v.get("paired")
-        rows.append([label, len(v["seeds"]), v["mean"], _na(v["std"]), _na(w and w["diff"]), _na(w and w["low"]),
+        rows.append([variant_label(name, v), seeds_text(v), v["mean"], _na(v["std"]), _na(w and w["diff"]), _na(w and w["low"]),
                      _na(w and w["high"]), _yes_no(w["exceeds_noise"]) if w else "(baseline)", _na(pr and pr["diff"]),
                      f"[{pr['low']:+.4f}, {pr['high']:+.4f}]" if pr and pr["low"] is not None else "n/a"])
     page.add_table(header, rows)
+    if result.get("left_out"):
+        add_lines(page, left_out_text(result))
     for key, title in (("val_loss", "Validation loss"), ("train_loss", "Training loss")):
         page.add_heading(title)
         series = {name: [{row["step"]: (row["tokens_seen"], row[key]) for row in read_metrics(Path(r))
@@ -322,7 +378,7 @@ def write_report(result: dict, out: Path) -> Path:
         page.add_plotly(band_figure(series, title, "loss"))
     if "learned" in result:
         page.add_heading("What the models learned")
-        page.add_text(learned_in_words(result))
+        add_lines(page, learned_in_words(result))
         rows = []
         for metric, m in result["learned"].items():
             for name, v in m["variants"].items():
@@ -339,6 +395,12 @@ def write_report(result: dict, out: Path) -> Path:
             page.add_plotly(band_figure({v: [{int(k): tuple(x) for k, x in run.items()} for run in runs]
                                          for v, runs in series.items()}, title, metric))
     return page.save(out)
+
+
+def add_lines(page: Page, text: str) -> None:
+    for line in text.splitlines():
+        if line.strip():
+            page.add_text(line)
 
 
 def band_figure(series: dict[str, list[dict[int, tuple]]], title: str, ylabel: str) -> go.Figure:

@@ -15,6 +15,7 @@ from analyses import compare_runs
 from tests.test_analyses_browser import CHROMIUM, chromium
 from training import rundir
 from training import study as study_module
+from training.train import TrainingError
 from training.study import StudyError, StudyInterrupted, load_study, resolve_study, run_config, run_study
 
 STUDY_TOML = """
@@ -147,7 +148,7 @@ def test_comparison_report_renders_in_headless_chromium(tiny_study, tmp_path):
     dom = chromium(page, tmp_path, "--dump-dom")
     body = re.search(r"<body([^>]*)>", dom)
     assert body and 'data-rendered="true"' in body.group(1), dom[:2000]
-    assert expected == 2 and f'data-plots="{expected}"' in body.group(1), body.group(1)
+    assert expected == 2 + len(compare_runs.learned.CURVES) and f'data-plots="{expected}"' in body.group(1), body.group(1)
     errors = re.search(r'<pre id="report-errors">(.*?)</pre>', dom, re.S)
     assert errors is not None and errors.group(1).strip() == "", errors.group(1)
 
@@ -309,3 +310,40 @@ def test_compare_runs_computes_over_training_where_missing_and_says_which_noise(
         assert all("ablation" in s["metrics"] for s in saved)
         assert result["learned"]["final_icl"]["variants"][variant]["values"] == [s["checkpoints"][-1]["icl"] for s in saved]
     assert result["noise"] == {"seed": "varied", "data_order_seed": "fixed (null)"}
+
+
+def test_a_failed_run_is_reported_skipped_and_marked_in_the_comparison(tiny_study, tmp_path):
+    study, original, *_ = tiny_study
+    out = tmp_path / "study"
+    shutil.copytree(original, out, ignore=shutil.ignore_patterns("analysis", "comparison.*"))
+    shutil.rmtree(out / "no_dropout" / "seed_7")
+    real_train = study_module.train
+
+    def diverge(cfg, stop_after=None):  # trains two steps, then fails as a non-finite loss does
+        real_train(cfg, stop_after=2)
+        raise TrainingError("the training loss is nan at step 3: stopping")
+
+    logged = []
+    mp = pytest.MonkeyPatch()
+    mp.setattr(study_module, "train", diverge)
+    try:
+        actions = run_study(study, out, log=logged.append)
+    finally:
+        mp.undo()
+    assert actions[-1] == ("no_dropout", 7, "failed") and [a for *_, a in actions[:-1]] == ["skipped"] * 3
+    assert any("no_dropout seed 7 FAILED: the training loss is nan" in line for line in logged)
+    run = out / "no_dropout" / "seed_7"
+    assert rundir.run_status(run) == "failed" and "nan" in rundir.failure(run)
+    # A re-run reports it and skips it (it would fail again), training nothing.
+    again = run_study(study, out, log=logged.append)
+    assert again[-1] == ("no_dropout", 7, "failed") and "failed before" in logged[-1]
+    # The comparison leaves it out of the means, says so, and marks the variant.
+    result = compare_runs.compare([out], over_training=False)
+    assert result["variants"]["no_dropout"]["seeds"] == [3] and result["variants"]["no_dropout"]["planned"] == 2
+    assert result["variants"]["no_dropout"]["final_val_loss"] == [final_row_val_loss(out / "no_dropout" / "seed_3")]
+    [left] = result["left_out"]
+    assert (left["variant"], left["run"], left["status"]) == ("no_dropout", str(run), "failed")
+    assert "the training loss is nan" in left["reason"]
+    text = compare_runs.markdown_table(result)
+    assert "| no_dropout ⚠ fewer seeds | 1 of 2 finished |" in text
+    assert f"- no_dropout: {run}: failed (failed: the training loss is nan at step 3: stopping)" in text

@@ -29,7 +29,10 @@ variant, and ``vary`` says which the study varies:
 
 Either way, for a given n all variants share data order and, where shapes agree,
 initialisation, so differences can be paired by seed. A re-run skips finished runs (their
-final checkpoint exists) and resumes an interrupted one.
+final checkpoint exists) and resumes an interrupted one. A run that fails (a non-finite
+loss, say) is marked failed (``RUN/failed.json``, with the error), reported, and skipped;
+the study goes on with the others, and a re-run skips it too (delete its failed.json, or
+the run, to try it again).
 """
 
 import argparse
@@ -161,7 +164,7 @@ def check_unchanged(cfg: TrainConfig, path: Path) -> None:
 
 def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = None, log=print) -> list[tuple]:
     """Train every (variant, seed) run not yet finished; returns ``(variant, seed, action)``
-    for each, action being ``skipped``, ``resumed`` or ``trained``.
+    for each, action being ``skipped``, ``resumed``, ``trained`` or ``failed``.
 
     ``stop_after`` stops the first run that trains after that step, as an interrupt would
     (for tests); the study then raises ``StudyInterrupted`` like after a Ctrl-C.
@@ -181,10 +184,22 @@ def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = No
             if state == "finished":
                 actions.append((variant, seed, "skipped"))
                 continue
+            if state == "failed":
+                log(f"study {study['name']}: {variant} seed {seed} failed before ({rundir.failure(path)}); skipped "
+                    f"(delete {path / rundir.FAILED} to try it again)")
+                actions.append((variant, seed, "failed"))
+                continue
             action = "resumed" if state == "interrupted" else "trained"
             log(f"study {study['name']}: {'resuming' if state == 'interrupted' else 'training'} {variant} seed {seed} -> {path}")
             overrides = {"resume": True} if state == "interrupted" else {"overwrite": True}
-            train(TrainConfig.from_dict({**cfg.to_dict(), **overrides}), stop_after=stop_after)
+            try:
+                train(TrainConfig.from_dict({**cfg.to_dict(), **overrides}), stop_after=stop_after)
+            except TrainingError as e:
+                path.mkdir(parents=True, exist_ok=True)
+                rundir.mark_failed(path, str(e))
+                log(f"study {study['name']}: {variant} seed {seed} FAILED: {e}")
+                actions.append((variant, seed, "failed"))
+                continue
             stop_after = None
             actions.append((variant, seed, action))
             if rundir.run_status(path) != "finished":
@@ -216,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     except (StudyError, ConfigError, TrainingError, ShardError, CheckpointError, DataPrepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trained = sum(a != "skipped" for *_, a in actions)
-    print(f"study {study['name']}: {trained} runs trained, {len(actions) - trained} already finished, in {out}\n"
+    trained = sum(a in ("trained", "resumed") for *_, a in actions)
+    failed = [f"{v} seed {s}" for v, s, a in actions if a == "failed"]
+    print(f"study {study['name']}: {trained} runs trained, {sum(a == 'skipped' for *_, a in actions)} already "
+          f"finished, {len(failed)} failed{' (' + ', '.join(failed) + ')' if failed else ''}, in {out}\n"
           f"compare them with: python -m analyses.compare_runs {out}")
     return 0
 
