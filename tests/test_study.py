@@ -169,6 +169,26 @@ def test_reference_study_file_has_every_intervention():
     assert variants["fp32"]["config"]["precision"] == "fp32"
     stacked = variants["stacked"]
     assert stacked["stack"] and stacked["config"]["model"]["dropout"] == 0.0 and stacked["config"]["weight_decay"] == 0.1
+    assert "tied_embeddings" not in stacked["stack"] and stacked["config"]["model"]["tie_embeddings"] is False, \
+        "the reference found weight tying harmful"
+
+
+def test_circuits_study_has_the_seven_interventions_with_three_seeds_of_both_noises(tmp_path):
+    study = load_study("studies/interventions_circuits.toml")
+    assert study["seeds"] == [0, 1, 2] and study["vary"] == "both"
+    variants = study["variants"]
+    base = variants["baseline"]["config"]
+    assert base["preset"] == "demo"
+    assert {k: base["model"][k] for k in ("dropout", "qkv_bias", "tie_embeddings")} == \
+        {"dropout": 0.1, "qkv_bias": False, "tie_embeddings": False}
+    assert (base["grad_clip"], base["weight_decay"], base["schedule"], base["precision"]) == (None, 0.1, "constant", "bf16")
+    changed = {name: v["overrides"] for name, v in variants.items() if name != "baseline"}
+    assert changed == {"lr_schedule": {"schedule": "cosine", "warmup_steps": 12, "model": {}},
+                       "no_dropout": {"model": {"dropout": 0.0}}, "weight_decay_0_01": {"weight_decay": 0.01, "model": {}},
+                       "qkv_bias": {"model": {"qkv_bias": True}}, "grad_clip": {"grad_clip": 1.0, "model": {}},
+                       "fp32": {"precision": "fp32", "model": {}}, "tied_embeddings": {"model": {"tie_embeddings": True}}}
+    cfg = run_config(study, "qkv_bias", 2, tmp_path)
+    assert (cfg.seed, cfg.data_order_seed, cfg.model_config().n_layers) == (2, 2, 2)
 
 
 @pytest.mark.parametrize("text, message", [
