@@ -405,10 +405,14 @@ def add_lines(page: Page, text: str) -> None:
 
 def band_figure(series: dict[str, list[dict[int, tuple]]], title: str, ylabel: str) -> go.Figure:
     """Per variant, the mean over its runs with a band from the lowest to the highest run,
-    at the steps every run has; ``series[variant][run][step] = (tokens seen, value)``."""
+    at the steps every run has; ``series[variant][run][step] = (tokens seen, value)``. Runs
+    without the metric are left out of their variant's curve, and its legend says so."""
     fig = go.Figure()
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-    for i, (name, runs) in enumerate(series.items()):
+    for i, (name, all_runs) in enumerate(series.items()):
+        runs = [run for run in all_runs if run]
+        if len(runs) < len(all_runs):
+            name = f"{name} ({len(runs)} of {len(all_runs)} runs have it)"
         steps = sorted(set.intersection(*(set(run) for run in runs))) if runs else []
         x = [runs[0][s][0] for s in steps]
         values = [[run[s][1] for run in runs] for s in steps]

@@ -141,16 +141,31 @@ def test_t_quantile_matches_tables(df, expected):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
-def test_comparison_report_renders_in_headless_chromium(tiny_study, tmp_path):
-    _, out, *_ = tiny_study
-    page = compare_runs.write_report(compare_runs.compare([out]), tmp_path / "comparison.html")
-    expected = page.read_text().count('class="plotly-graph-div"')
+@pytest.mark.parametrize("which", ["computed", "planted"])
+def test_comparison_report_renders_in_headless_chromium(which, tiny_study, planted_study, tmp_path):
+    """The loss curves and one curve per learned metric, variants overlaid with seed bands,
+    drawn offline: over_training computed on the real tiny runs, or planted (values that vary)."""
+    out = tiny_study[1] if which == "computed" else planted_study[0]
+    result = compare_runs.compare([out], log=lambda *a: None)
+    page = compare_runs.write_report(result, tmp_path / "comparison.html")
+    source = page.read_text()
+    expected = source.count('class="plotly-graph-div"')
+    assert expected == 2 + len(compare_runs.learned.CURVES)
     dom = chromium(page, tmp_path, "--dump-dom")
     body = re.search(r"<body([^>]*)>", dom)
     assert body and 'data-rendered="true"' in body.group(1), dom[:2000]
-    assert expected == 2 + len(compare_runs.learned.CURVES) and f'data-plots="{expected}"' in body.group(1), body.group(1)
+    assert f'data-plots="{expected}"' in body.group(1), body.group(1)
     errors = re.search(r'<pre id="report-errors">(.*?)</pre>', dom, re.S)
     assert errors is not None and errors.group(1).strip() == "", errors.group(1)
+    # Each learned metric's plot is drawn with its title, and each variant's mean line and band.
+    for label, _ in compare_runs.learned.CURVES.values():
+        assert label in dom
+    assert dom.count('class="trace scatter') >= 2 * 2 * expected, "a band and a mean line per variant per plot"
+    assert "What the models learned" in dom and "Differences beyond seed noise" in dom
+    if which == "planted":
+        assert "in-context learning score at the last checkpoint is higher than in baseline" in dom
+        assert "baseline (1 of 2 runs have it)" in dom  # the head-ablation share: seed 7 has no ablation
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=", source)
 
 
 def test_reference_study_file_has_every_intervention():
@@ -254,10 +269,11 @@ def planted_over_training(variant: str, seed: int) -> dict:
             "checkpoints": rows, "crossing": crossing}
 
 
-@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, on planted differences equal across seeds
-def test_learned_comparison_equals_direct_computation_from_over_training_json(tiny_study, tmp_path):
+@pytest.fixture(scope="module")
+def planted_study(tiny_study, tmp_path_factory):
+    """A copy of the tiny study whose runs' over_training.json files are planted."""
     _, original, *_ = tiny_study
-    out = tmp_path / "study"
+    out = tmp_path_factory.mktemp("planted") / "study"
     shutil.copytree(original, out, ignore=shutil.ignore_patterns("analysis", "comparison.*"))
     files = {}
     for variant in ("baseline", "no_dropout"):
@@ -266,6 +282,12 @@ def test_learned_comparison_equals_direct_computation_from_over_training_json(ti
             path.parent.mkdir(parents=True)
             path.write_text(json.dumps(planted_over_training(variant, seed)))
             files[variant, seed] = path
+    return out, files
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, on planted differences equal across seeds
+def test_learned_comparison_equals_direct_computation_from_over_training_json(planted_study):
+    out, files = planted_study
     result = compare_runs.compare([out], log=lambda *a: None)  # reads the files: nothing to compute
     assert all(not (p.parent / "over_training").exists() for p in files.values())
 
