@@ -12,6 +12,7 @@ last run and the survivors judged equivalent.
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -72,7 +73,10 @@ def main() -> int:
         write_config(work, args.tests)
     cmd = ["timeout", f"{int(args.minutes * 60)}", sys.executable, "-m", "mutmut", "run",
            "--max-children", str(args.children)]
-    run = subprocess.run(cmd, cwd=work)
+    # mutmut forks a worker per mutant: a child forked after OpenMP has started its
+    # threads hangs in its first parallel region, so torch runs single-threaded here.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, cwd=work, env=env)
     print(f"mutmut exited with {run.returncode} (124: stopped at the time limit)")
     results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
                              capture_output=True, text=True).stdout

@@ -316,7 +316,7 @@ def test_each_heads_dla_is_its_result_through_ln_final_and_the_unembedding(small
     result = direct_logit_attribution(model, tokens, answer, wrong)
     for layer in range(model.cfg.n_layers):
         z = cache[f"blocks.{layer}.attn.hook_z"][:, -1]  # [batch head d_head]
-        W_O = model.blocks[layer].attn.out.weight  # [d_model head*d_head]
+        W_O = model.blocks[layer].attn.out.weight.detach()  # [d_model head*d_head]
         for head in range(model.cfg.n_heads):
             d = model.cfg.d_head
             head_result = z[:, head] @ W_O[:, head * d:(head + 1) * d].T
@@ -325,7 +325,7 @@ def test_each_heads_dla_is_its_result_through_ln_final_and_the_unembedding(small
         assert result.mlps[layer].item() == pytest.approx(through_ln(mlp), abs=1e-7)
     assert result.other["embed"] == pytest.approx(through_ln(cache["hook_embed"][:, -1]), abs=1e-7)
     assert result.other["pos_embed"] == pytest.approx(through_ln(cache["hook_pos_embed"][:, -1]), abs=1e-7)
-    biases = sum(block.attn.out.bias for block in model.blocks)
+    biases = sum(block.attn.out.bias.detach() for block in model.blocks)
     assert result.other["attn_biases"] == pytest.approx(through_ln(biases[None].expand_as(final)), abs=1e-7)
     assert result.other["ln_final_bias"] == pytest.approx(float(model.ln_final.bias @ direction), abs=1e-7)
     assert result.heads.abs().min() > 1e-6, "every head contributes, so a transposed map would show"
