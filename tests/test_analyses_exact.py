@@ -300,6 +300,7 @@ def test_planted_patching_answers_by_kind(planted, corrupt, sign):
 # Direct logit attribution and the logit lens, by hand.
 
 
+@torch.no_grad()
 def test_each_heads_dla_is_its_result_through_ln_final_and_the_unembedding(small):
     model = small
     tokens = random_tokens(2, 9, seed=3)
