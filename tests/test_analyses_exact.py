@@ -361,3 +361,30 @@ def test_logit_lens_at_every_layer_equals_ln_final_and_unembed_by_hand(small, si
         torch.testing.assert_close(result.top_probs[i].double(), top.values.exp(), atol=1e-6, rtol=1e-6)
     # Layers differ, so a lens that read the same stream at every layer would show.
     assert len({round(float(v), 6) for v in result.loss}) == len(names)
+
+
+# Mutants that survived the first mutation run (docs/testing.md), killed here.
+
+
+def test_single_token_accepts_every_id_in_range_and_refuses_the_rest(tiny_model):
+    from analyses.common import AnalysisError, single_token
+
+    d_vocab = tiny_model.cfg.d_vocab
+    assert single_token(tiny_model, 0) == 0 and single_token(tiny_model, d_vocab - 1) == d_vocab - 1
+    assert single_token(tiny_model, " Paris") == tiny_model.tokenizer.encode_ordinary(" Paris")[0]
+    for bad, message in ((d_vocab, "outside the model's vocabulary"), (-1, "outside"), ("", "empty"),
+                         (" Paris is", "not one")):
+        with pytest.raises(AnalysisError, match=message):
+            single_token(tiny_model, bad)
+
+
+def test_head_scores_use_the_random_tokens_asked_for(planted):
+    from analyses.heads import head_scores
+
+    for kwargs in (dict(seq_len=5, batch=3, seed=1), dict(seq_len=9, batch=1, seed=2, prepend_bos=False)):
+        tokens = repeated_random_tokens(planted, **kwargs)
+        _, cache = planted.run_with_cache(tokens)
+        patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(planted.cfg.n_layers)])
+        expected = slow_scores(patterns, tokens)
+        for name, value in head_scores(planted, **kwargs).items():
+            torch.testing.assert_close(value.double(), expected[name], atol=1e-6, rtol=0, msg=f"{name} {kwargs}")
