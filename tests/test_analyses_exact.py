@@ -388,3 +388,27 @@ def test_head_scores_use_the_random_tokens_asked_for(planted):
         expected = slow_scores(patterns, tokens)
         for name, value in head_scores(planted, **kwargs).items():
             torch.testing.assert_close(value.double(), expected[name], atol=1e-6, rtol=0, msg=f"{name} {kwargs}")
+
+
+def test_the_lens_reads_the_site_asked_for_and_refuses_resid_mid_without_mlps(small, planted):
+    from analyses.common import AnalysisError
+    from analyses.logit_lens import per_layer_loss, residual_stack
+
+    tokens = random_tokens(2, 9, seed=4)
+    for site in ("pre", "mid", "post", "all"):
+        torch.testing.assert_close(per_layer_loss(small, tokens, site=site), logit_lens(small, tokens, site=site).loss)
+    _, cache = small.run_with_cache(tokens)
+    assert residual_stack(small, cache, "pre")[1] == ["0_pre", "1_pre", "final"]
+    assert residual_stack(small, cache, "all")[1] == ["0_pre", "0_mid", "1_pre", "1_mid", "final"]
+    planted_tokens = repeated_random_tokens(planted, seq_len=5, batch=1)
+    for site in ("mid", "all"):
+        with pytest.raises(AnalysisError, match="no resid_mid"):
+            logit_lens(planted, planted_tokens, site=site)
+    assert logit_lens(planted, planted_tokens, site="pre").labels == ["0_pre", "1_pre", "final"]
+
+
+def test_dla_of_an_attention_only_model_has_no_mlps(planted):
+    tokens = repeated_random_tokens(planted, seq_len=5, batch=1)
+    result = direct_logit_attribution(planted, tokens, int(tokens[0, 2]), pos=6)  # a1 again: a2 follows
+    assert result.mlps is None and result.heads.shape == (2, planted.cfg.n_heads)
+    assert result.heads[INDUCTION_HEAD] > 1.0, "the induction head predicts the token after the repeat"

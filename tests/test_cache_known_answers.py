@@ -139,3 +139,51 @@ def test_final_accumulated_resid_with_ln_is_ln_final_of_each_stream(model, cache
     expected = F.layer_norm(stack, (model.cfg.d_model,), model.ln_final.weight, model.ln_final.bias, 1e-5)
     close(cache.accumulated_resid(apply_ln=True), expected)
     close(cache.accumulated_resid(layer=-1, apply_ln=True), expected)
+
+
+# Mutants that survived the first mutation run (docs/testing.md), killed here.
+
+
+def test_stack_head_results_with_slices_ln_and_no_batch_dim(model, cache):
+    full, labels = cache.stack_head_results(layer=2, return_labels=True)
+    close(cache.stack_head_results(layer=2, pos_slice=-1), full[:, :, -1])
+    close(cache.stack_head_results(layer=2, pos_slice=[1, 4]), full[:, :, [1, 4]])
+    scaled = normalised_by(full, cache["blocks.2.hook_resid_pre"])
+    close(cache.stack_head_results(layer=2, apply_ln=True, pos_slice=-1), scaled[:, :, -1])
+    empty = cache.stack_head_results(layer=0, incl_remainder=True, return_labels=True)
+    assert empty[1] == ["remainder"]
+    close(empty[0][-1], cache["blocks.0.hook_resid_pre"])
+    close(empty[0][:-1], torch.zeros_like(empty[0][:-1]))
+    tokens = torch.randint(0, 100, (1, POS), generator=torch.Generator().manual_seed(8))
+    single = model.run_with_cache(tokens, remove_batch_dim=True)[1]
+    stack, single_labels = single.stack_head_results(layer=2, return_labels=True)
+    assert single_labels == labels and stack.shape == (len(labels), POS, model.cfg.d_model)
+
+
+def test_apply_ln_to_a_stack_without_its_batch_axis_uses_the_first_sequences_scale(cache):
+    stack = cache.decompose_resid(layer=1, mlp_input=True)
+    full = normalised_by(stack, cache["blocks.1.hook_resid_mid"])
+    close(cache.apply_ln_to_stack(stack[:, 0], layer=1, mlp_input=True, has_batch_dim=False), full[:, 0])
+    close(cache.apply_ln_to_stack(stack[:, 0, 2], layer=1, mlp_input=True, pos_slice=2, has_batch_dim=False),
+          full[:, 0, 2])
+
+
+def test_logit_attrs_with_slices_wrong_tokens_strings_and_no_batch_axis(model, cache):
+    stack = cache.decompose_resid()
+    answers = torch.randint(0, 100, (BATCH, POS), generator=torch.Generator().manual_seed(9))
+    wrongs = torch.randint(0, 100, (BATCH, POS), generator=torch.Generator().manual_seed(10))
+    full = cache.logit_attrs(stack, answers, incorrect_tokens=wrongs)
+    with torch.no_grad():
+        scaled = normalised_by(stack, cache["blocks.2.hook_resid_post"]) * model.ln_final.weight
+        directions = (model.W_U[:, answers] - model.W_U[:, wrongs]).permute(1, 2, 0)
+        close(full, (scaled * directions).sum(-1))
+    close(cache.logit_attrs(stack[:, 1:, -1], answers, incorrect_tokens=wrongs, pos_slice=-1, batch_slice=slice(1, 2)),
+          full[:, 1:, -1])
+    close(cache.logit_attrs(stack[:, 0], answers[0], incorrect_tokens=wrongs[0], has_batch_dim=False), full[:, 0])
+    # A string answer is its single token's id (GPT-2's tokenizer: "a" is 64, "," is 11).
+    close(cache.logit_attrs(stack, "a", incorrect_tokens=","), cache.logit_attrs(stack, 64, incorrect_tokens=11))
+
+
+def test_decompose_resid_with_mlp_input_at_the_final_layer_is_the_final_stream(cache):
+    close(cache.decompose_resid(mlp_input=True), cache.decompose_resid())
+    close(cache.decompose_resid(mlp_input=True).sum(0), cache["blocks.2.hook_resid_post"])
