@@ -8,6 +8,8 @@ non-zero weights); the planted induction model where the answer is known by desi
 Patching runs in float64 so that normalising by a small clean-corrupted gap does not
 magnify rounding."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -412,3 +414,22 @@ def test_dla_of_an_attention_only_model_has_no_mlps(planted):
     result = direct_logit_attribution(planted, tokens, int(tokens[0, 2]), pos=6)  # a1 again: a2 follows
     assert result.mlps is None and result.heads.shape == (2, planted.cfg.n_heads)
     assert result.heads[INDUCTION_HEAD] > 1.0, "the induction head predicts the token after the repeat"
+
+
+def test_agreement_reports_correlation_and_largest_difference_per_shared_kind():
+    from analyses.patching import agreement
+
+    real = {"x": torch.tensor([1.0, 2.0, 3.0, 4.0]), "flat": torch.tensor([1.0, 1.0]), "only_real": torch.zeros(2)}
+    approx = {"x": torch.tensor([2.0, 1.0, 4.0, 9.0]), "flat": torch.tensor([0.0, 3.0]), "only_approx": torch.zeros(2)}
+    out = agreement(real, approx)
+    assert list(out) == ["x", "flat"]
+    a, b = real["x"].double(), approx["x"].double()
+    expected = ((a - a.mean()) * (b - b.mean())).sum() / ((a - a.mean()).norm() * (b - b.mean()).norm())
+    assert out["x"]["correlation"] == pytest.approx(float(expected), abs=1e-12)
+    assert out["x"]["max_abs_diff"] == 5.0 and out["flat"]["max_abs_diff"] == 2.0
+    assert math.isnan(out["flat"]["correlation"]), "no correlation with a constant"
+
+
+def test_the_lens_of_a_single_token_has_no_loss(small):
+    result = logit_lens(small, random_tokens(1, 1, seed=0))
+    assert result.loss.isnan().all() and result.target_rank.shape == (2, 1, 0)

@@ -187,3 +187,17 @@ def test_logit_attrs_with_slices_wrong_tokens_strings_and_no_batch_axis(model, c
 def test_decompose_resid_with_mlp_input_at_the_final_layer_is_the_final_stream(cache):
     close(cache.decompose_resid(mlp_input=True), cache.decompose_resid())
     close(cache.decompose_resid(mlp_input=True).sum(0), cache["blocks.2.hook_resid_post"])
+
+
+def test_accumulated_resid_with_ln_and_a_position_and_a_cache_without_its_batch_axis(model, cache):
+    full = cache.accumulated_resid(layer=1, mlp_input=True, apply_ln=True)
+    close(cache.accumulated_resid(layer=1, mlp_input=True, apply_ln=True, pos_slice=-1), full[:, :, -1])
+    tokens = torch.randint(0, 100, (1, POS), generator=torch.Generator().manual_seed(11))
+    batched = model.run_with_cache(tokens)[1]
+    single = model.run_with_cache(tokens, remove_batch_dim=True)[1]
+    for method, kwargs in (("accumulated_resid", dict(layer=2, apply_ln=True)),
+                           ("decompose_resid", dict(layer=1, mlp_input=True, apply_ln=True)),
+                           ("stack_head_results", dict(layer=2, apply_ln=True))):
+        for pos_slice in (None, -2, [0, 3]):
+            expected = getattr(batched, method)(pos_slice=pos_slice, **kwargs)[:, 0]
+            close(getattr(single, method)(pos_slice=pos_slice, **kwargs), expected)
