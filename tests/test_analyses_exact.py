@@ -433,3 +433,17 @@ def test_agreement_reports_correlation_and_largest_difference_per_shared_kind():
 def test_the_lens_of_a_single_token_has_no_loss(small):
     result = logit_lens(small, random_tokens(1, 1, seed=0))
     assert result.loss.isnan().all() and result.target_rank.shape == (2, 1, 0)
+
+
+def test_patch_effect_computes_its_own_baseline_when_given_none(small):
+    from analyses.patching import Patch, baseline, patch_effect
+
+    clean = random_tokens(1, 6, seed=2)
+    corrupted = clean.clone()
+    corrupted[0, [1, 3]] = (corrupted[0, [1, 3]] + 1) % 100
+    metric = logit_diff(3, 5)
+    patches = [Patch("blocks.1.attn.hook_v", (slice(None), 2))]
+    base = baseline(small, clean, corrupted, metric)
+    expected = hand_patching(small, base.clean_cache, clean, corrupted, metric, "v")[1, 2].item()
+    assert patch_effect(small, clean, corrupted, metric, patches) == pytest.approx(expected, abs=1e-9)
+    assert patch_effect(small, clean, corrupted, metric, patches, base) == pytest.approx(expected, abs=1e-9)
