@@ -447,3 +447,51 @@ def test_patch_effect_computes_its_own_baseline_when_given_none(small):
     expected = hand_patching(small, base.clean_cache, clean, corrupted, metric, "v")[1, 2].item()
     assert patch_effect(small, clean, corrupted, metric, patches) == pytest.approx(expected, abs=1e-9)
     assert patch_effect(small, clean, corrupted, metric, patches, base) == pytest.approx(expected, abs=1e-9)
+
+
+def test_mlp_ablation_uses_the_metric_given_and_resampling_follows_its_seed(tiny_model, ablation_setup):
+    tokens, reference, ref_cache, one_cache = ablation_setup
+    metric = logit_diff(11, 13, pos=-2)
+    result = head_ablation(tiny_model, tokens, "mean", metric=metric, reference_tokens=reference)
+    clean = float(metric(tiny_model(tokens).detach()))
+    for layer in range(tiny_model.cfg.n_layers):
+        name = f"blocks.{layer}.hook_mlp_out"
+        logits = run_edited(tiny_model, tokens, name, hand_replacement("mean", ref_cache, one_cache, name))
+        assert result.mlps[layer].item() == pytest.approx(float(metric(logits)) - clean, abs=1e-5)
+    batch = tokens.repeat(4, 1)
+    runs = [head_ablation(tiny_model, batch, "resample", reference_tokens=reference, seed=s).heads for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_repeated_random_tokens_bounds_and_bos(planted, tiny_model):
+    from analyses.common import AnalysisError
+
+    assert repeated_random_tokens(tiny_model, seq_len=3, batch=1)[0, 0] == 50256
+    tokens = repeated_random_tokens(planted, seq_len=2, batch=3)
+    assert (tokens[:, 0] == 63).all() and not (tokens[:, 1:] == 63).any()
+    assert repeated_random_tokens(planted, seq_len=31, batch=1).shape == (1, 63)
+    assert repeated_random_tokens(planted, seq_len=32, batch=1, prepend_bos=False).shape == (1, 64)
+    for kwargs in (dict(seq_len=1), dict(seq_len=32), dict(seq_len=33, prepend_bos=False)):
+        with pytest.raises(AnalysisError):
+            repeated_random_tokens(planted, **kwargs)
+
+
+def test_detectors_without_repeats_are_nan_and_the_rest_still_scored():
+    patterns = hand_patterns()
+    scores = scores_from_patterns(patterns, torch.arange(7)[None])  # no token repeats
+    assert scores["duplicate_token"].shape == scores["induction"].shape == (1, 5)
+    assert scores["duplicate_token"].isnan().all() and scores["induction"].isnan().all()
+    assert scores["previous_token"][0, 0] == 1.0
+
+
+def test_attribution_patching_takes_kinds_and_answers(small):
+    clean = random_tokens(1, 6, seed=2)
+    corrupted = clean.clone()
+    corrupted[0, [1, 3]] = (corrupted[0, [1, 3]] + 1) % 100
+    by_metric = attribution_patching(small, clean, corrupted, logit_diff(3, 5), kinds=["v", "resid_pre"])
+    by_answer = attribution_patching(small, clean, corrupted, answer=3, wrong=5, kinds=["v", "resid_pre"])
+    assert list(by_metric) == list(by_answer) == ["v", "resid_pre"]
+    for kind in by_metric:
+        torch.testing.assert_close(by_answer[kind], by_metric[kind])
+    only_answer = attribution_patching(small, clean, corrupted, answer=3, kinds=["v"])
+    assert not torch.allclose(only_answer["v"], by_metric["v"])
