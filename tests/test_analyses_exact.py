@@ -477,9 +477,9 @@ def test_repeated_random_tokens_bounds_and_bos(planted, tiny_model):
 
 
 def test_detectors_without_repeats_are_nan_and_the_rest_still_scored():
-    patterns = hand_patterns()
+    patterns = torch.cat([hand_patterns(), hand_patterns()])  # 2 layers, 1 sequence, 5 heads
     scores = scores_from_patterns(patterns, torch.arange(7)[None])  # no token repeats
-    assert scores["duplicate_token"].shape == scores["induction"].shape == (1, 5)
+    assert scores["duplicate_token"].shape == scores["induction"].shape == (2, 5)
     assert scores["duplicate_token"].isnan().all() and scores["induction"].isnan().all()
     assert scores["previous_token"][0, 0] == 1.0
 
