@@ -457,7 +457,8 @@ class HookedGPT2(HookedRootModule):
         A string gives back a string (prompt and continuation); token ids ``[batch pos]``
         give back ``[batch pos + new]`` (fewer new if every row stopped at <|endoftext|>).
 
-        >>> model.generate("The meaning of life is", max_new_tokens=5, temperature=0)
+        >>> model.generate("The meaning of life is", max_new_tokens=5, temperature=0)  # doctest: +ELLIPSIS
+        'The meaning of life is...'
         """
         if isinstance(prompt_or_tokens, str):
             if not prompt_or_tokens:
@@ -478,7 +479,7 @@ class HookedGPT2(HookedRootModule):
         attention): a ``save_pretrained`` directory (e.g. OpenAI's GPT-2 weights already
         on disk) or a model object.
 
-        >>> model = HookedGPT2.from_hf("path/to/gpt2")
+        >>> model = HookedGPT2.from_hf("path/to/gpt2")  # doctest: +SKIP
         """
         return hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
 

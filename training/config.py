@@ -62,7 +62,7 @@ class TrainConfig:
         default=None,
     )
     max_steps: int | None = _help("optimizer steps to train for (or give --max-tokens)", default=500)
-    max_tokens: int | None = _help("token budget; sets max_steps = max_tokens // global_batch_tokens", default=None)
+    max_tokens: int | None = _help("token budget; sets max_steps = ceil(max_tokens / global_batch_tokens), at least 1", default=None)
     # Optimizer and schedule.
     lr: float = _help("peak learning rate", default=3e-3)
     min_lr: float = _help("learning rate at the end of the decay", default=3e-4)

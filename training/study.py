@@ -67,7 +67,7 @@ def load_study(path: str | Path) -> dict:
     every variant's overrides already merged into a full set of TrainConfig keys.
 
     >>> study = load_study("studies/reference_interventions.toml")  # doctest: +SKIP
-    >>> list(study["variants"])[0]
+    >>> list(study["variants"])[0]  # doctest: +SKIP
     'baseline'
     """
     path = Path(path)
