@@ -7,7 +7,7 @@ formed): a missing value is reported as missing, never as zero. The file's forma
 grow (new metrics, new keys); readers look only for what they use.
 
 >>> results = load_over_training(Path("runs/demo"))               # doctest: +SKIP
->>> run_values(results)["final_icl"]
+>>> run_values(results)["final_icl"]                              # doctest: +SKIP
 """
 
 import json
