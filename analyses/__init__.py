@@ -7,4 +7,5 @@ Modules: ``logit_lens``, ``attention``, ``ablation``, ``patching``, ``heads`` (d
 
 >>> from analyses.heads import induction_scores
 >>> induction_scores(model, seed=0).shape  # [n_layers n_heads]
+torch.Size([2, 4])
 """

@@ -58,6 +58,7 @@ def direct_logit_attribution(
 
     >>> result = direct_logit_attribution(model, model.to_tokens("The capital of France is"), " Paris")
     >>> result.heads.shape  # [n_layers n_heads]
+    torch.Size([2, 4])
     """
     tokens = model.check_tokens(tokens)
     answer_id = single_token(model, answer)

@@ -678,7 +678,8 @@ class HookedGPT2(TextMixin, HookedRootModule):
         The rest of TransformerLens's keywords are taken (``eos_token_id``, ``freq_penalty``,
         ``use_past_kv_cache``, ``verbose``), but ``stop_at_eos`` stays off by default.
 
-        >>> model.generate("The meaning of life is", max_new_tokens=5, temperature=0)
+        >>> model.generate("The meaning of life is", max_new_tokens=5, temperature=0)  # doctest: +ELLIPSIS
+        'The meaning of life is...'
         """
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
@@ -711,8 +712,9 @@ class HookedGPT2(TextMixin, HookedRootModule):
         attention): a ``save_pretrained`` directory (e.g. OpenAI's GPT-2 weights already
         on disk) or a model object. Unprocessed (exactly Hugging Face's numbers) unless
         ``process_weights=True``, which gives TransformerLens's ``from_pretrained``
-        defaults (see ``from_pretrained``), e.g.
-        ``HookedGPT2.from_hf("path/to/gpt2", process_weights=True)``.
+        defaults (see ``from_pretrained``).
+
+        >>> model = HookedGPT2.from_hf("path/to/gpt2", process_weights=True)  # doctest: +SKIP
         """
         model = hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
         return model.process_weights_(**processing) if process_weights else model
