@@ -348,7 +348,9 @@ class ActivationCache:
 
         ``pos_slice`` / ``batch_slice`` say which positions / batch rows the stack holds
         (the cached scale is cut to match); with ``has_batch_dim``, ``batch_slice`` also
-        cuts the stack's batch axis (axis 1), as in TransformerLens."""
+        cuts the stack's batch axis (axis 1), as in TransformerLens. A stack without its
+        batch axis (``has_batch_dim=False``) uses the first sequence's scale unless
+        ``batch_slice`` picks one."""
         layer = self._layer(layer)
         if layer == self.n_layers:
             scale_name = "ln_final.hook_scale"
@@ -361,6 +363,10 @@ class ActivationCache:
         scale = slice_pos(self.cache_dict[scale_name], pos_slice, -2)
         if self.has_batch_dim and batch_slice is not None:
             scale = slice_pos(scale, batch_slice, 0)
+        if self.has_batch_dim and not has_batch_dim and not isinstance(batch_slice, int):
+            # A stack without its batch axis is one sequence's: the first one's scale (where
+            # TransformerLens would broadcast the batch axis against the components).
+            scale = scale[0]
         if self.model.cfg.norm == "rmsnorm":  # RMSNorm does not centre
             return residual_stack / scale
         centred = residual_stack - residual_stack.mean(-1, keepdim=True)
