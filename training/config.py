@@ -43,6 +43,13 @@ class TrainConfig:
     resume: bool = _help("continue the run in --out from its latest resumable checkpoint", default=False)
     overwrite: bool = _help("delete an existing run directory at --out and start afresh", default=False)
     seed: int = _help("seed for initialisation, dropout and sampling", default=1337)
+    # Repeated spans (data_prep.repeats): the data that makes induction heads form quickly.
+    repeat_fraction: float = _help(
+        "fraction of training sequences replaced by a span of random tokens repeated to fill the sequence "
+        "(0 = natural text only); the tokens come from the training split's most frequent ones", default=0.0)
+    repeat_vocab: int = _help("the repeated spans draw their tokens from this many most frequent training tokens",
+                              default=2000)
+    repeat_span: int = _help("longest repeated span, in tokens (lengths are uniform from 2 to this)", default=32)
     # Batch: each optimizer step sees global_batch_tokens tokens, in micro-batches of
     # batch_size sequences per process, accumulated as needed.
     batch_size: int = _help("micro-batch size per process, in sequences", default=8)
@@ -122,6 +129,12 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be positive, or None/'off' for no clipping; got {self.grad_clip!r}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ConfigError(f"need lr > 0 and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.repeat_fraction <= 1:
+            raise ConfigError(f"repeat_fraction must be between 0 and 1, got {self.repeat_fraction!r}")
+        _positive("repeat_vocab", self.repeat_vocab)
+        if not (isinstance(self.repeat_span, int) and 2 <= self.repeat_span <= self.repeat_vocab):
+            raise ConfigError(f"repeat_span must be an integer from 2 to repeat_vocab ({self.repeat_vocab}), "
+                              f"got {self.repeat_span!r}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.keep_resume < 1 or self.sample_tokens < 0:
             raise ConfigError("warmup_steps, weight_decay and sample_tokens must be >= 0, keep_resume >= 1")
 

@@ -20,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_prep.reader import BatchLoader, ShardError, TokenDataset
+from data_prep.repeats import RepeatedSpans, frequent_tokens
 from data_prep.sources import DataPrepError
 from hooked_gpt2.memory import keep_freed_memory
 from hooked_gpt2 import CheckpointError, ConfigError, HookedGPT2
@@ -76,8 +77,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     model = HookedGPT2(mcfg).to(d.device).train()
     optimizer = make_optimizer(model, cfg, d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
-    loader = BatchLoader(TokenDataset(cfg.data, "train"), cfg.batch_size, cfg.seq_len,
-                         rank=d.rank, world_size=d.world_size)
+    loader = make_loader(cfg, d)
     val_batches = fixed_val_batches(cfg.data, cfg.eval_batch_size, cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed + d.rank)  # each rank its own dropout masks
     start_step = restore(run_dir, model, optimizer, scaler, loader, d) if cfg.resume else 0
@@ -146,6 +146,19 @@ def train_step(train_model, model, optimizer, scaler, loader, accum, lr, cfg, d,
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm.item()
+
+
+def make_loader(cfg: TrainConfig, d: distributed.Dist):
+    """The training batches: the split in order, with ``repeat_fraction`` of rows made repeated spans."""
+    dataset = TokenDataset(cfg.data, "train")
+    loader = BatchLoader(dataset, cfg.batch_size, cfg.seq_len, rank=d.rank, world_size=d.world_size)
+    if cfg.repeat_fraction == 0:
+        return loader
+    vocab = frequent_tokens(dataset, cfg.repeat_vocab)
+    if len(vocab) < cfg.repeat_span:
+        raise ConfigError(f"the training split has only {len(vocab)} distinct tokens, fewer than --repeat-span "
+                          f"{cfg.repeat_span}; lower --repeat-span")
+    return RepeatedSpans(loader, cfg.repeat_fraction, vocab, cfg.repeat_span, seed=cfg.seed)
 
 
 def make_optimizer(model: HookedGPT2, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
