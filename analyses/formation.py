@@ -38,7 +38,7 @@ class Probes:
     for every id) and ``windows`` (validation text ``[n, seq_len + 1]``, or None), with
     ``description`` saying which, for the report."""
 
-    def __init__(self, config: dict, top: int | None = 1000, n_windows: int = 128):
+    def __init__(self, config: dict, top: int | None = 1000, n_windows: int = 64):
         from data_prep.reader import BatchLoader, ShardError, TokenDataset
         from data_prep.repeats import frequent_tokens
 
@@ -97,7 +97,9 @@ def k_composition(model, source_layer: int = 0, reader_layer: int = 1) -> Float[
                            "q, head q k, k -> head q k")
         product = einops.einsum(qk, ov, "reader q k, source src k -> source reader q src")
         norms = product.flatten(-2).norm(dim=-1)
-        return (norms / ov.flatten(-2).norm(dim=-1)[:, None] / qk.flatten(-2).norm(dim=-1)[None, :]).cpu()
+        scale = ov.flatten(-2).norm(dim=-1)[:, None] * qk.flatten(-2).norm(dim=-1)[None, :]
+        # A head with all-zero weights composes with nothing: 0, not 0/0.
+        return torch.where(scale > 0, norms / scale.clamp_min(1e-30), 0.0).cpu()
 
 
 def first_crossings(rows: list[dict], detector: str, threshold: float) -> dict[str, int | None]:
