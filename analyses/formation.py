@@ -50,8 +50,13 @@ class Probes:
                 self.vocab = frequent_tokens(TokenDataset(data, "train"), top)
             except ShardError as e:
                 raise AnalysisError(f"cannot read the run's training tokens for the probes: {e}") from None
+        val = None
         if has_data:
-            val = TokenDataset(data, "val")
+            try:
+                val = TokenDataset(data, "val")
+            except ShardError:  # prepared with --val-tokens 0: no natural-text probe
+                pass
+        if val is not None:
             seq_len = min(config.get("seq_len") or 128, len(val) - 1)
             n = min(n_windows, (len(val) - 1) // seq_len)
             if n >= 1 and seq_len > 2 * EARLY_WIDTH:

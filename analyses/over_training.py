@@ -74,7 +74,9 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
 
     Returns ``{"run_dir", "metrics", "options", "notes", "checkpoints": [{"step",
     "tokens_seen", "val_loss", "logged_val_loss", "icl", "heads", "logit_lens",
-    "ablation"}], "crossing"}``; per-head values are ``[layer][head]`` lists.
+    "ablation", "icl_text", "composition"}], "crossing", "formation"}``; per-head values are
+    ``[layer][head]`` lists. ``probe_top``: draw the random probe tokens from the run's
+    ``probe_top`` most frequent training tokens (0 or a run without data: every id).
 
     >>> results = over_training("runs/demo", metrics=["icl", "heads"])  # doctest: +SKIP
     """
