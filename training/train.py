@@ -24,6 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_prep.reader import BatchLoader, ShardError, TokenDataset
+from data_prep.repeats import RepeatedSpans, frequent_tokens
 from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError, HookedGPT2
 from hooked_gpt2.losses import next_token_loss
@@ -87,10 +88,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     model = HookedGPT2(mcfg).to(d.device).train()
     state = TrainState(model, make_optimizer(model, cfg, d.device),
                        torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16"),
-                       BatchLoader(TokenDataset(cfg.data, "train"), cfg.batch_size, cfg.seq_len,
-                                   rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda",
-                                   order_seed=cfg.data_order_seed),
-                       rank=d.rank, seed=cfg.seed)
+                       make_loader(cfg, d), rank=d.rank, seed=cfg.seed)
     val_batches = fixed_val_batches(cfg.data, cfg.eval_batch_size, cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed + d.rank)  # each rank its own dropout masks
     if cfg.resume:
@@ -167,6 +165,20 @@ def train_step(state: TrainState, setup: Setup, lr: float, stop: bool = False) -
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     return loss, norm, stop
+
+
+def make_loader(cfg: TrainConfig, d: distributed.Dist):
+    """The training batches: the split in order, with ``repeat_fraction`` of rows made repeated spans."""
+    dataset = TokenDataset(cfg.data, "train")
+    loader = BatchLoader(dataset, cfg.batch_size, cfg.seq_len, rank=d.rank, world_size=d.world_size,
+                         pin_memory=d.device.type == "cuda", order_seed=cfg.data_order_seed)
+    if cfg.repeat_fraction == 0:
+        return loader
+    vocab = frequent_tokens(dataset, cfg.repeat_vocab)
+    if len(vocab) < cfg.repeat_span:
+        raise ConfigError(f"the training split has only {len(vocab)} distinct tokens, fewer than --repeat-span "
+                          f"{cfg.repeat_span}; lower --repeat-span")
+    return RepeatedSpans(loader, cfg.repeat_fraction, vocab, cfg.repeat_span, seed=cfg.seed)
 
 
 def make_optimizer(model: HookedGPT2, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
