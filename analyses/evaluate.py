@@ -30,11 +30,10 @@ from tqdm import tqdm
 
 from data_prep.reader import SPLITS, TokenDataset
 from hooked_gpt2.checkpoint import FORMAT, atomic_write_text
+from hooked_gpt2.model_card import EVALUATION_FILE
 
 from .cli import load_model, run
 from .common import AnalysisError
-
-EVALUATION_FILE = "evaluation.json"  # beside a checkpoint; read by hooked_gpt2.hf_interop.model_card
 
 
 class HellaSwagError(AnalysisError):

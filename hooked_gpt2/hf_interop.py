@@ -17,6 +17,7 @@ from .checkpoint import (
     CheckpointError, atomic_save_safetensors, atomic_write_text, load_state_into, load_weights, read_json,
 )
 from .config import ConfigError, GPT2Config
+from .model_card import model_card
 from .tokenizer import D_VOCAB, EOT_TEXT, EOT_TOKEN, hf_vocab_and_merges
 
 ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
@@ -186,7 +187,7 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def save_hf(model, path) -> Path:
+def save_hf(model, path, source=None) -> Path:
     cfg = model.cfg
     if cfg.n_heads * cfg.d_head != cfg.d_model:
         raise ConfigError(
@@ -200,6 +201,7 @@ def save_hf(model, path) -> Path:
     atomic_write_text(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     if cfg.d_vocab == D_VOCAB:
         write_hf_tokenizer(path, cfg.n_ctx)
+    atomic_write_text(path / "README.md", model_card(cfg, source or getattr(model, "source_dir", None)))
     return path
 
 

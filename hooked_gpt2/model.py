@@ -469,10 +469,12 @@ class HookedGPT2(HookedRootModule):
         """
         return hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
 
-    def save_hf(self, path) -> Path:
+    def save_hf(self, path, source=None) -> Path:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads as an
-        exactly equivalent model, with GPT-2's tokenizer files for ``pipeline``."""
-        return hf_interop.save_hf(self, path)
+        exactly equivalent model, with GPT-2's tokenizer files for ``pipeline`` and a
+        README.md model card from the run beside checkpoint ``source`` (default: the
+        directory this model was loaded from)."""
+        return hf_interop.save_hf(self, path, source)
 
 
 def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
