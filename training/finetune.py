@@ -20,7 +20,6 @@ the model's greedy responses to the held-out prompts go to ``responses.jsonl``, 
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -38,7 +37,7 @@ from hooked_gpt2 import CheckpointError, ConfigError, EOT_TOKEN
 from hooked_gpt2.checkpoint import atomic_write_text
 from hooked_gpt2.memory import keep_freed_memory
 
-from . import checkpointing, distributed
+from . import distributed
 from .config import PRECISIONS, SCHEDULES, _arg_type
 from .instructions import (
     IGNORE, InstructionDataError, collate, encode, fill, masked_next_token_loss, read_instructions, read_template,
