@@ -74,8 +74,11 @@ def model_card(cfg: GPT2Config, source: str | Path | None = None, name: str | No
         else:
             lines.append(f"Trained from scratch (preset `{run_config.get('preset')}`) on `{run_config.get('data')}`.")
         if state:
+            seen = "token positions (padding included)" if "init" in run_config else "tokens"
+            val = state.get("val_loss")
             lines.append(f"This checkpoint is step {state.get('step')} of {run_config.get('max_steps')}, after "
-                         f"{state.get('tokens_seen', 0):,} tokens; validation loss {_cell(state.get('val_loss'))}.")
+                         f"{state.get('tokens_seen', 0):,} {seen}; validation loss "
+                         f"{'n/a' if val is None else f'{val:.4f}'}.")
         lines += ["", "Settings: " + ", ".join(f"{k}={_cell(run_config[k])}" for k, _ in TRAINING_CHOICES
                                                 if k in run_config) + ".", "",
                   "<details><summary>The run's full config.json</summary>", "", "| key | value |", "|---|---|"]

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,18 +38,16 @@ from hooked_gpt2.checkpoint import atomic_write_text
 from hooked_gpt2.memory import keep_freed_memory
 
 from . import distributed
-from .config import PRECISIONS, SCHEDULES, _arg_type
+from .config import PRECISIONS, SCHEDULES, _arg_type, _help
 from .instructions import (
     IGNORE, InstructionDataError, collate, encode, fill, masked_next_token_loss, read_instructions, read_template,
 )
 from .logger import Logger
 from .mfu import flops_per_token
 from .schedule import get_lr
-from .train import StopSignal, TrainingError, make_autocast, make_optimizer, prepare_run_dir, restore, save, trim_metrics
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+from .train import (
+    StopSignal, TrainingError, apply_update, make_autocast, make_optimizer, prepare_run_dir, restore, save, trim_metrics,
+)
 
 
 @dataclass
@@ -279,16 +277,8 @@ def finetune_step(train_model, model, optimizer, scaler, batches, lr, cfg, d, au
     scaler.scale(loss).backward()
     value = distributed.mean_over_ranks(d, loss.item())
     if not math.isfinite(value):
-        return value, float("nan")
-    scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return value, grad_norm.item()
+        return value, float("nan")  # before the update: the weights stay those of the last step
+    return value, apply_update(model, optimizer, scaler, cfg.grad_clip)
 
 
 def logger_view(cfg: FinetuneConfig, mcfg, max_len: int, world_size: int) -> SimpleNamespace:

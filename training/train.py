@@ -137,15 +137,21 @@ def train_step(train_model, model, optimizer, scaler, loader, accum, lr, cfg, d,
     loss = distributed.mean_over_ranks(d, total.item())
     if not math.isfinite(loss):
         return loss, float("nan")  # before the update: the weights stay those of the last step
+    return loss, apply_update(model, optimizer, scaler, cfg.grad_clip)
+
+
+def apply_update(model, optimizer, scaler, grad_clip: float | None) -> float:
+    """Unscale, clip and apply the accumulated gradients, then clear them; returns the
+    gradient norm before clipping."""
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm.item()
+    return grad_norm.item()
 
 
 def make_optimizer(model: HookedGPT2, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
