@@ -2,6 +2,10 @@
 falls on held-out responses, resumption, responses.jsonl, and one-line errors."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from training.instructions import (
     read_template,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 SHORT = {"prompt_input": "Q: {instruction} ({input})\nA:", "prompt_no_input": "Q: {instruction}\nA:"}
 COLOURS = ["red", "blue", "green", "black", "white", "gold", "pink", "grey"]
 
@@ -167,3 +172,24 @@ def test_bad_instruction_file_is_one_clear_error(content, problem, start, tmp_pa
     assert main(["--init", str(start), "--data", str(path), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and problem in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_two_process_ddp_equals_one_process(start, data_file, template_file, tmp_path):
+    # Every response is 4 labelled tokens, so the mean of the two ranks' mean losses is the
+    # one-process mean over the same 4 examples, and the runs must agree.
+    common = ["--init", str(start), "--data", str(data_file), "--template", str(template_file), "--max-steps", "3",
+              "--lr", "1e-2", "--val-fraction", "0.25", "--eval-every", "3", "--log-every", "1", "--precision", "fp32",
+              "--device", "cpu", "--no-progress", "--max-new-tokens", "2", "--peak-flops", "1e12"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "training.finetune", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    rows = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(rows("ddp"), rows("one"), strict=True):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "val_loss", "grad_norm"):
+            assert (a[key] is None) == (b[key] is None) and (a[key] is None or abs(a[key] - b[key]) < 1e-5), (a, b)
+    assert (tmp_path / "ddp" / "responses.jsonl").read_text() == (tmp_path / "one" / "responses.jsonl").read_text(
+        ).replace('"model": "one"', '"model": "ddp"')
