@@ -156,6 +156,7 @@ class Client:
 def read_responses(paths: list[str]) -> dict[str, list[dict]]:
     """Responses per model name (``model`` field, else the run directory's name)."""
     by_model: dict[str, list[dict]] = {}
+    source: dict[str, Path] = {}
     for given in paths:
         path = Path(given)
         file = path / "responses.jsonl" if path.is_dir() else path
@@ -171,7 +172,11 @@ def read_responses(paths: list[str]) -> dict[str, list[dict]]:
                 raise AnalysisError(f"{file}:{number} is not a response row (JSON with instruction and response, "
                                     "as training.finetune writes)") from None
             row.setdefault("id", number - 1)
-            by_model.setdefault(row.get("model") or file.parent.name, []).append(row)
+            model = row.get("model") or file.parent.name
+            if source.setdefault(model, file) != file:
+                raise AnalysisError(f"{source[model]} and {file} both hold responses of a model named {model!r}; "
+                                    "scores are kept per name, so give the runs different names")
+            by_model.setdefault(model, []).append(row)
     return by_model
 
 
@@ -184,8 +189,9 @@ def read_scores(file: Path) -> list[dict]:
     rows, good = [], []
     for line in text.splitlines(keepends=True):
         try:
-            if line.endswith("\n"):
-                rows.append(json.loads(line))
+            row = json.loads(line) if line.endswith("\n") else None
+            if isinstance(row, dict) and {"model", "id", "score"} <= set(row):
+                rows.append(row)
                 good.append(line)
         except json.JSONDecodeError:
             pass

@@ -175,3 +175,12 @@ def test_refused_connection_is_one_clear_error(responses, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: cannot connect to") and "connection refused" in err and "Traceback" not in err
     assert err.count("\n") == 1
+
+
+def test_two_inputs_with_one_model_name_are_refused(responses, tmp_path):
+    other = tmp_path / "elsewhere" / "alpha"
+    other.mkdir(parents=True)
+    (other / "responses.jsonl").write_text((Path(responses[0]) / "responses.jsonl").read_text())
+    with pytest.raises(ValueError, match="both hold responses of a model named 'alpha'"):
+        main([responses[0], str(other), "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out",
+              str(tmp_path / "o"), "--no-progress"])
