@@ -201,14 +201,11 @@ def main(argv=None) -> int:
         page.add_heading("Heads ablated together")
         page.add_table(["method", "heads", "loss", "change"],
                        [[m, args.heads, v, v - results[m].clean] for m, v in joint.items()])
-    page.save(out / "report.html")
-    cli.write_json(out / "results.json", {
+    return cli.finish(out, page.save, {
         "args": vars(args),
         "ablation": {m: {"heads": to_jsonable(r.heads), "mlps": to_jsonable(r.mlps), "clean": r.clean} for m, r in results.items()},
         "together": joint,
     })
-    print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
-    return 0
 
 
 def reference_batch(model, n_pos: int, batch: int, seed: int) -> Tensor:

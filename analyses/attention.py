@@ -53,11 +53,8 @@ def main(argv=None) -> int:
     page = Page(f"Attention: {args.checkpoint}")
     page.add_text(f"prompt: {args.prompt!r}")
     add_to_page(page, model.to_str_tokens(tokens[0]), patterns)
-    page.save(out / "report.html")
-    cli.write_json(out / "results.json", {"args": vars(args), "tokens": model.to_str_tokens(tokens[0]),
+    return cli.finish(out, page.save, {"args": vars(args), "tokens": model.to_str_tokens(tokens[0]),
                                           "patterns": to_jsonable(patterns)})
-    print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
-    return 0
 
 
 if __name__ == "__main__":

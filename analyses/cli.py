@@ -7,9 +7,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from hooked_gpt2 import CheckpointError, HookError, HookedGPT2
+from hooked_gpt2.atomic import atomic_write
+from hooked_gpt2.checkpoint import FORMAT
+from hooked_gpt2.device import resolve_device
 from hooked_gpt2.memory import keep_freed_memory
 
 from .common import AnalysisError
@@ -17,6 +18,7 @@ from .common import AnalysisError
 # ValueError covers our AnalysisError, CheckpointError and ConfigError, and the model's own
 # checks on token ids and lengths, whose messages are written for users.
 USER_ERRORS = (ValueError, HookError)
+DEVICE_HELP = "auto (a CUDA GPU if there is one, else the CPU; the default, as in training), cpu, cuda or cuda:N"
 
 
 def parser(description: str, prompt: bool = True) -> argparse.ArgumentParser:
@@ -24,34 +26,32 @@ def parser(description: str, prompt: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (save_pretrained output or a Hugging Face GPT-2 directory)")
     p.add_argument("--out", required=True, help="directory to write report.html and results.json into")
-    p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     if prompt:
         p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. The quick brown fox",
                        help="text to analyse (a BOS token is prepended)")
     return p
 
 
-def load_model(path: str | Path, device: str = "cpu") -> HookedGPT2:
+def load_model(path: str | Path, device: str = "auto") -> HookedGPT2:
     """A hooked-gpt2 checkpoint, or a Hugging Face GPT-2 directory through ``from_hf``."""
     path = Path(path)
     config = path / "config.json"
     is_ours = True
     if config.is_file():
         try:
-            is_ours = json.loads(config.read_text()).get("format") == "hooked-gpt2"
+            is_ours = json.loads(config.read_text()).get("format") == FORMAT
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             is_ours = True  # let from_pretrained report the damaged file
     if is_ours:
         model = HookedGPT2.from_pretrained(path)
     else:
-        if not hasattr(HookedGPT2, "from_hf"):
-            raise CheckpointError(f"{path} is not a hooked-gpt2 checkpoint, and this version cannot load Hugging Face directories (no HookedGPT2.from_hf)")
         try:
             model = HookedGPT2.from_hf(path)
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"cannot load {path} as a Hugging Face GPT-2: {e}") from None
     try:
-        return model.to(torch.device(device)).eval()
+        return model.to(resolve_device(device)).eval()
     except RuntimeError as e:
         raise AnalysisError(f"cannot use device {device!r}: {e}") from None
 
@@ -63,7 +63,18 @@ def out_dir(path: str | Path) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
+
+
+def finish(out: Path, save_page: Callable[[Path], Path], results: dict, html: str = "report.html",
+           data: str = "results.json") -> int:
+    """The end of every analysis script: the page (``save_page(path)``, e.g. ``page.save``)
+    and the results (JSON) written into ``out``, and where they are printed. Returns the
+    exit code, 0."""
+    path = save_page(out / html)
+    write_json(out / data, results)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {out / data}")
+    return 0
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from data_prep.reader import TokenDataset
 from hooked_gpt2 import EOT_TOKEN
+from hooked_gpt2.losses import next_token_loss
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
-
-# llm.c token shards, as written by data_prep: a 256-int32 header, then uint16 tokens.
-SHARD_MAGIC, SHARD_HEADER_INT32 = 20240520, 256
 
 
 class AnalysisError(ValueError):
@@ -105,7 +103,7 @@ def mean_loss(tokens: Int[Tensor, "batch pos"]) -> Metric:
     """Mean next-token cross-entropy of ``tokens``, as a metric on logits."""
 
     def metric(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
+        return next_token_loss(logits, tokens)
 
     return metric
 
@@ -130,16 +128,11 @@ def logit_diff(answer: int, wrong: int | None = None, pos: int = -1) -> Metric:
 def load_split_batch(
     data_dir: str | Path, split: str = "val", batch: int = 8, seq_len: int = 128, seed: int = 0
 ) -> Int[Tensor, "batch pos"]:
-    """``batch`` random windows of ``seq_len`` tokens from ``{split}_*.bin`` shards in
-    ``data_dir`` (data_prep's llm.c layout)."""
-    shards = sorted(Path(data_dir).glob(f"{split}_*.bin"))
-    if not shards:
-        raise AnalysisError(f"no {split}_*.bin token shards in {data_dir}: point --data at a data_prep output directory")
-    raw = np.fromfile(shards[0], dtype="<i4", count=SHARD_HEADER_INT32)
-    if len(raw) < SHARD_HEADER_INT32 or raw[0] != SHARD_MAGIC:
-        raise AnalysisError(f"{shards[0]} is not a token shard (bad header)")
-    data = np.memmap(shards[0], dtype="<u2", mode="r", offset=SHARD_HEADER_INT32 * 4, shape=(int(raw[2]),))
-    if len(data) < seq_len + 1:
-        raise AnalysisError(f"{shards[0]} holds {len(data)} tokens, fewer than --seq-len {seq_len}")
-    starts = np.random.default_rng(seed).integers(0, len(data) - seq_len, size=batch)
-    return torch.from_numpy(np.stack([data[s : s + seq_len].astype(np.int64) for s in starts]))
+    """``batch`` random windows of ``seq_len`` tokens from one split of prepared data,
+    read through ``data_prep.reader`` (manifest, every shard and the tokenizer checked)."""
+    dataset = TokenDataset(data_dir, split)
+    if len(dataset) < seq_len + 1:
+        raise AnalysisError(f"the {split} split of {data_dir} holds {len(dataset)} tokens, fewer than "
+                            f"--seq-len {seq_len}; choose a shorter --seq-len")
+    starts = np.random.default_rng(seed).integers(0, len(dataset) - seq_len, size=batch)
+    return torch.from_numpy(np.stack([dataset.read(int(s), seq_len) for s in starts]))

@@ -10,81 +10,42 @@ and the baseline share seeds (same initial weights and data order), the paired d
 over those seeds with its own t interval. Written as ``comparison.md`` (also printed),
 ``comparison.json`` and ``comparison.html`` (the table, and loss curves with seed bands).
 
-Given run directories, runs whose configs differ only in seed are one variant, named by
+Given run directories, runs whose configs agree in the fields that describe the experiment
+(``training.config.ROLES``: not the seed, hardware or bookkeeping) are one variant, named by
 their parent directory when the runs are ``.../<variant>/seed_<n>``; the first is the baseline.
 """
 
 import argparse
+import functools
 import json
 import math
 import statistics
 from pathlib import Path
 
 import plotly.graph_objects as go
+import scipy.stats
+
+from hooked_gpt2.atomic import atomic_write
+from training import rundir
+from training.config import EXPERIMENT_ROLES, fields_with_roles
 
 from . import cli
 from .common import AnalysisError
 from .html import Page
 
 LEVEL = 0.95
-PER_RUN_KEYS = {"seed", "out", "resume", "overwrite", "progress", "tensorboard", "device", "derived"}
 
 
-# Statistics. scipy is not a dependency: the t quantile comes from the regularized
-# incomplete beta function (Numerical Recipes' continued fraction) by bisection.
-def _betacf(a: float, b: float, x: float) -> float:
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """Student's t cumulative distribution function (df may be fractional, as Welch's is)."""
-    tail = 0.5 * incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
+# Statistics.
 def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom.
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (fractional for Welch).
 
     >>> round(t_quantile(0.975, 1), 3), round(t_quantile(0.975, 10), 3)
     (12.706, 2.228)
     """
     if not 0 < p < 1 or not df > 0:
         raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+    return float(scipy.stats.t.ppf(p, df))
 
 
 def welch(a: list[float], b: list[float], level: float = LEVEL) -> dict:
@@ -115,21 +76,14 @@ def paired(a: list[float], b: list[float], level: float = LEVEL) -> dict:
 
 # Reading runs.
 def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    if not rundir.has_metrics(run):
         raise AnalysisError(f"{run} has no metrics.jsonl: is it a training run directory?")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a half-written last line of a run in progress
-            continue
-    return rows
+    return rundir.read_metrics(run)
 
 
 def final_val_loss(run: Path) -> float:
     """The validation loss logged at the run's last step (``config.json``'s max_steps)."""
-    max_steps = json.loads((run / "config.json").read_text())["max_steps"]
+    max_steps = rundir.read_config(run)["max_steps"]
     for row in read_metrics(run):
         if row["step"] == max_steps and row.get("val_loss") is not None:
             return row["val_loss"]
@@ -138,23 +92,28 @@ def final_val_loss(run: Path) -> float:
 
 
 def group_runs(paths: list[Path]) -> tuple[dict[str, list[Path]], dict[str, list[str]]]:
-    """Variants (name -> runs, the baseline first) from a study directory or run directories."""
-    if len(paths) == 1 and (paths[0] / "study.json").is_file():
-        study = json.loads((paths[0] / "study.json").read_text())
+    """Variants (name -> runs, the baseline first) from a study directory or run directories.
+
+    Run directories are one variant when their configs agree in every field the config
+    declares part of the experiment (``training.config.EXPERIMENT_ROLES``).
+    """
+    study = rundir.read_study(paths[0]) if len(paths) == 1 else None
+    if study is not None:
         groups = {}
         for variant in study["variants"]:
-            runs = [paths[0] / variant / f"seed_{s}" for s in study["seeds"]]
-            groups[variant] = [r for r in runs if (r / "config.json").is_file()]
+            runs = [rundir.study_run_dir(paths[0], variant, s) for s in study["seeds"]]
+            groups[variant] = [r for r in runs if rundir.has_config(r)]
             if not groups[variant]:
                 raise AnalysisError(f"variant {variant!r} of {paths[0]} has no runs yet: run the study first")
         return groups, {v: spec.get("stack", []) for v, spec in study["variants"].items()}
     groups: dict[str, list[Path]] = {}
     keys: dict[str, str] = {}
+    experiment = fields_with_roles(*EXPERIMENT_ROLES)
     for path in paths:
-        if not (path / "config.json").is_file():
+        if not rundir.has_config(path):
             raise AnalysisError(f"{path} is not a run directory (no config.json) nor a study directory (no study.json)")
-        config = json.loads((path / "config.json").read_text())
-        key = json.dumps({k: v for k, v in config.items() if k not in PER_RUN_KEYS}, sort_keys=True)
+        config = rundir.read_config(path)
+        key = json.dumps({k: config.get(k) for k in experiment}, sort_keys=True)
         if key not in keys:
             name = path.parent.name if path.name.startswith("seed_") else path.name
             while name in groups:
@@ -166,7 +125,7 @@ def group_runs(paths: list[Path]) -> tuple[dict[str, list[Path]], dict[str, list
 
 
 def seed_of(run: Path) -> int:
-    return json.loads((run / "config.json").read_text())["seed"]
+    return rundir.read_config(run)["seed"]
 
 
 def compare(paths: list[str | Path]) -> dict:
@@ -287,15 +246,13 @@ def main(argv=None) -> int:
                                                "(default: the study directory, else ./comparison)")
     args = p.parse_args(argv)
     result = compare(args.runs)
-    is_study = len(args.runs) == 1 and (Path(args.runs[0]) / "study.json").is_file()
+    is_study = len(args.runs) == 1 and rundir.read_study(args.runs[0]) is not None
     out = cli.out_dir(args.out or (args.runs[0] if is_study else "comparison"))
     table = markdown_table(result)
-    (out / "comparison.md").write_text(table)
-    cli.write_json(out / "comparison.json", result)
-    page = write_report(result, out / "comparison.html")
+    atomic_write(out / "comparison.md", table)
     print(table)
-    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {page}")
-    return 0
+    print(f"wrote {out / 'comparison.md'}")
+    return cli.finish(out, functools.partial(write_report, result), result, html="comparison.html", data="comparison.json")
 
 
 if __name__ == "__main__":

@@ -103,11 +103,8 @@ def main(argv=None) -> int:
     target = f"logit({args.answer!r})" + (f" - logit({args.wrong!r})" if args.wrong else "")
     page.add_text(f"prompt: {args.prompt!r}; attributing {target} at position {args.pos}")
     add_to_page(page, result, "Direct logit attribution")
-    page.save(out / "report.html")
-    cli.write_json(out / "results.json", {"args": vars(args), "heads": to_jsonable(result.heads),
+    return cli.finish(out, page.save, {"args": vars(args), "heads": to_jsonable(result.heads),
                                           "mlps": to_jsonable(result.mlps), "other": result.other, "total": result.total})
-    print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
-    return 0
 
 
 if __name__ == "__main__":

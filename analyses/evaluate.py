@@ -24,15 +24,16 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from data_prep.reader import SPLITS, TokenDataset
-from hooked_gpt2.checkpoint import FORMAT, atomic_write_text
+from hooked_gpt2.atomic import atomic_write
+from hooked_gpt2.checkpoint import FORMAT
+from hooked_gpt2.losses import next_token_loss
 from hooked_gpt2.model_card import EVALUATION_FILE
 
-from .cli import load_model, run
+from .cli import DEVICE_HELP, load_model, run
 from .common import AnalysisError
 
 
@@ -65,9 +66,9 @@ def loss_on_windows(model, windows: Tensor, batch_size: int = 8, progress: bool 
     total, count = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(batch[:, :-1]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
+        n = batch[:, 1:].numel()
+        total += next_token_loss(model(batch[:, :-1]), batch).item() * n
+        count += n
     return total / count
 
 
@@ -132,8 +133,7 @@ def ending_logprobs(model, rows: list[list[int]], lengths: list[int]) -> tuple[T
     for i, (row, n) in enumerate(zip(rows, lengths)):
         tokens[i, : len(row)] = torch.tensor(row)
         mask[i, len(row) - 1 - n : len(row) - 1] = 1.0  # target positions of the ending's tokens
-    logits = model(tokens[:, :-1].to(device)).float()
-    logprobs = -F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:].to(device), reduction="none").cpu()
+    logprobs = -next_token_loss(model(tokens[:, :-1].to(device)), tokens, per_token=True).cpu()
     total = (logprobs * mask).sum(1)
     return total, total / mask.sum(1)
 
@@ -165,7 +165,7 @@ def score_hellaswag(model, examples: list[dict], batch_size: int = 8, progress: 
 # Several models, one table.
 def evaluate_models(paths: list[str], data: str | None, *, split: str = "val", seq_len: int | None = None,
                     max_tokens: int | None = None, hellaswag: str | None = None, hellaswag_limit: int | None = None,
-                    batch_size: int = 8, device: str = "cpu", progress: bool = True) -> dict:
+                    batch_size: int = 8, device: str = "auto", progress: bool = True) -> dict:
     """Test loss (and HellaSwag) of each model on the same tokens; returns the JSON table."""
     if data is None and hellaswag is None:
         raise AnalysisError("nothing to evaluate: give --data DIR (test loss) and/or --hellaswag FILE")
@@ -211,7 +211,7 @@ def record_beside(path: Path, result: dict, row: dict) -> None:
             "loss": row["test_loss"], "tokens": result["tokens"], "seq_len": result["seq_len"]}
     if "hellaswag" in row:
         saved.setdefault("hellaswag", {})[result["hellaswag"]] = row["hellaswag"]
-    atomic_write_text(file, json.dumps(saved, indent=2) + "\n")
+    atomic_write(file, json.dumps(saved, indent=2) + "\n")
 
 
 def table(result: dict) -> str:
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hellaswag", help="local HellaSwag .jsonl (e.g. hellaswag_val.jsonl) to score")
     p.add_argument("--hellaswag-limit", type=_positive_int, help="score only the first N HellaSwag examples")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows (or HellaSwag examples) per forward pass")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", help="write the table as JSON to this file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     args = p.parse_args(argv)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+        atomic_write(Path(args.out), json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -141,10 +141,7 @@ def main(argv=None) -> int:
     add_to_page(page, results["repeated_random"], f"Repeated random tokens ({args.batch} x 2 x {args.seq_len})")
     if "text" in results:
         add_to_page(page, results["text"], "Real text")
-    page.save(out / "report.html")
-    cli.write_json(out / "results.json", {"args": vars(args), "scores": to_jsonable(results)})
-    print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
-    return 0
+    return cli.finish(out, page.save, {"args": vars(args), "scores": to_jsonable(results)})
 
 
 if __name__ == "__main__":

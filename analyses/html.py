@@ -26,6 +26,8 @@ import plotly.graph_objects as go
 import plotly.offline
 from circuitsvis.utils.convert_props import convert_props
 
+from hooked_gpt2.atomic import atomic_write
+
 STATUS_SCRIPT = """
 window.__reportErrors = [];
 (function () {
@@ -139,7 +141,7 @@ class Page:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(self.render(), encoding="utf-8")
+        atomic_write(path, self.render())
         return path
 
 

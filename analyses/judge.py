@@ -35,9 +35,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hooked_gpt2.checkpoint import atomic_write_text
+from hooked_gpt2.atomic import atomic_write
 
-from .cli import run
+from .cli import finish, run
 from .common import AnalysisError
 from .compare_runs import LEVEL, t_quantile
 from .html import Page
@@ -196,7 +196,7 @@ def read_scores(file: Path) -> list[dict]:
         except json.JSONDecodeError:
             pass
     if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
-        atomic_write_text(file, "".join(good))
+        atomic_write(file, "".join(good))
     return rows
 
 
@@ -213,8 +213,10 @@ class ScoreFile:
             os.fsync(f.fileno())
 
 
-def judge(paths: list[str], out: str | Path, client: Client, concurrency: int = 4, progress: bool = True) -> dict:
-    """Score every response not yet in ``OUT/scores.jsonl``; return the summary."""
+def judge(paths: list[str], out: str | Path, client: Client, concurrency: int = 4,
+          progress: bool = True) -> tuple[dict, Page]:
+    """Score every response not yet in ``OUT/scores.jsonl``; return the summary and the
+    report page (``main`` writes them)."""
     by_model = read_responses(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,9 +247,7 @@ def judge(paths: list[str], out: str | Path, client: Client, concurrency: int = 
             raise failed[0]
     summary = summarise(by_model, read_scores(scores_file), client.model)
     summary["unscored"] = [{"model": m, "id": i} for m, i in unscored]
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    write_report(summary, by_model, read_scores(scores_file), out / "report.html")
-    return summary
+    return summary, report_page(summary, by_model, read_scores(scores_file))
 
 
 def mean_interval(values: list[float], level: float = LEVEL) -> dict:
@@ -277,7 +277,7 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(summary: dict, by_model: dict, scores: list[dict], path: Path) -> None:
+def report_page(summary: dict, by_model: dict, scores: list[dict]) -> Page:
     page = Page(f"LLM-judge scores ({summary['judge']})")
     page.add_text(f"Each response was scored from 0 to 100 by {summary['judge']} with the rubric below; the interval "
                   f"is a {round(100 * summary['level'])}% t confidence interval for the mean over responses.")
@@ -291,7 +291,7 @@ def write_report(summary: dict, by_model: dict, scores: list[dict], path: Path) 
                          latest.get((model, r["id"]), "unscored")] for r in rows])
     page.add_heading("Rubric")
     page.add_pre(RUBRIC)
-    atomic_write_text(path, page.render())
+    return page
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,14 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         raise AnalysisError("need --concurrency >= 1, --retries >= 0, --backoff >= 0 and --timeout > 0")
     client = Client(args.base_url, args.model, os.environ.get(args.api_key_env), args.timeout, args.retries, args.backoff)
     try:
-        summary = judge(args.responses, args.out, client, args.concurrency, args.progress)
+        summary, page = judge(args.responses, args.out, client, args.concurrency, args.progress)
     except JudgeError as e:
         raise AnalysisError(str(e)) from None
     print(table(summary))
     if summary["unscored"]:
         print(f"{len(summary['unscored'])} response(s) got no score in {args.retries + 1} tries; re-run to retry them")
-    print(f"wrote {Path(args.out) / 'report.html'}")
-    return 0
+    return finish(Path(args.out), page.save, summary, data="summary.json")
 
 
 if __name__ == "__main__":

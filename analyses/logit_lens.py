@@ -134,14 +134,11 @@ def main(argv=None) -> int:
     source = f"{args.batch} windows of {args.data} ({args.split})" if args.data else repr(args.prompt)
     page.add_text(f"input: {source}; residual stream: {args.site}")
     add_to_page(page, model, tokens, result, "Logit lens")
-    page.save(out / "report.html")
-    cli.write_json(out / "results.json", {
+    return cli.finish(out, page.save, {
         "args": vars(args), "labels": result.labels, "loss": to_jsonable(result.loss),
         "top_tokens": to_jsonable(result.top_tokens), "top_probs": to_jsonable(result.top_probs),
         "target_prob": to_jsonable(result.target_prob), "target_rank": to_jsonable(result.target_rank),
     })
-    print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ each metric under a hash of its options: a re-run computes only what it has not 
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -32,10 +33,14 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 
 from hooked_gpt2 import CheckpointError, HookedGPT2
-from hooked_gpt2.checkpoint import atomic_write_text
+from hooked_gpt2.atomic import atomic_write
+from hooked_gpt2.device import resolve_device
+from hooked_gpt2.losses import next_token_loss
+from training import rundir
+from training.evaluate import evaluate, fixed_val_batches
+from training.precision import make_autocast
 
 from . import cli
 from .ablation import head_ablation
@@ -49,15 +54,8 @@ DEFAULT_METRICS = ("val_loss", "icl", "heads", "logit_lens")
 CROSSING = 0.5  # the induction score at which we say an induction head has formed
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    # The same listing training uses: complete checkpoints only (saves are atomic renames).
-    from training.checkpointing import list_checkpoints as listing
-
-    return listing(run_dir)
-
-
 def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: int = 8, seed: int = 0,
-                  ablation_method: str = "mean", device: str = "cpu", log=print) -> dict:
+                  ablation_method: str = "mean", device: str = "auto", log=print) -> dict:
     """Every requested metric for every checkpoint of ``run_dir`` (cached per checkpoint).
 
     Returns ``{"run_dir", "metrics", "options", "notes", "checkpoints": [{"step",
@@ -73,16 +71,17 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
         raise AnalysisError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
     if not run_dir.is_dir():
         raise AnalysisError(f"run directory {run_dir} does not exist")
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints = rundir.list_checkpoints(run_dir)
     if not checkpoints:
         raise AnalysisError(f"{run_dir} has no checkpoints (no {run_dir}/checkpoints/step_*): train first, "
                             "or wait for the run's first checkpoint")
-    config = _read_json(run_dir / "config.json") or {}
+    config = rundir.read_config(run_dir) if rundir.has_config(run_dir) else {}
+    device = resolve_device(device)
     logged = logged_val_losses(run_dir)
     options = {"icl_seq_len": icl_seq_len, "icl_batch": icl_batch, "seed": seed, "ablation_method": ablation_method}
-    val = ValidationData(config)
+    val = ValidationData(config, device)
     notes = [] if val.batches is not None or "val_loss" not in metrics else [val.why_missing]
-    cache_dir = run_dir / "analysis" / "over_training"
+    cache_dir = run_dir / rundir.ANALYSIS / "over_training"
     cache_dir.mkdir(parents=True, exist_ok=True)
 
     rows = []
@@ -93,7 +92,7 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
         if cached.get("checkpoint") != identity:  # rewritten (e.g. a run restarted with --overwrite)
             cached = {}
         done = cached.get("metrics", {})  # "name@options-hash" -> value; other options' results stay
-        keys = {m: f"{m}@{_key(m, options, val)}" for m in metrics}
+        keys = {m: f"{m}@{_key(m, options, val, device)}" for m in metrics}
         todo = [m for m in metrics if keys[m] not in done]
         if todo:
             log(f"step {step}: computing {', '.join(todo)}")
@@ -101,9 +100,9 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
             values = compute(model, todo, options, val)
             for name in todo:
                 done[keys[name]] = values[name]
-            state = _read_json(path / "state.json") or {}
-            cached = {"step": step, "tokens_seen": state.get("tokens_seen"), "checkpoint": identity, "metrics": done}
-            atomic_write_text(cache_path, json.dumps(cached) + "\n")
+            info = rundir.read_checkpoint_info(path)
+            cached = {"step": step, "tokens_seen": info.get("tokens_seen"), "checkpoint": identity, "metrics": done}
+            atomic_write(cache_path, json.dumps(cached) + "\n")
         row = {"step": step, "tokens_seen": cached.get("tokens_seen")}
         if row["tokens_seen"] is None:
             row["tokens_seen"] = step * config.get("global_batch_tokens", 1)
@@ -122,21 +121,19 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
 
 
 class ValidationData:
-    """The run's fixed validation batches, or why there are none (a run without data)."""
+    """The run's fixed validation batches, or why there are none (a run without data), and
+    the autocast of the run's precision on the device the analysis runs on."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, device: torch.device):
         self.batches, self.autocast, self.why_missing, self.identity = None, None, None, None
         data = config.get("data")
         if not data or not (Path(data) / "manifest.json").is_file():
             self.why_missing = (f"validation loss skipped: the run's data ({data or 'none in config.json'}) is not "
                                 "available; the logit lens reads the repeated random tokens instead")
             return
-        from training.evaluate import fixed_val_batches
-        from training.train import make_autocast
-
         args = (data, config["eval_batch_size"], config["seq_len"], config["eval_batches"])
         self.batches = fixed_val_batches(*args)
-        self.autocast = make_autocast(config.get("precision", "fp32"), torch.device("cpu"))
+        self.autocast = make_autocast(config.get("precision", "fp32"), device)
         self.identity = [*args, config.get("precision", "fp32")]
 
 
@@ -149,8 +146,7 @@ def compute(model, names, options: dict, val: ValidationData) -> dict:
     with torch.no_grad():
         if "icl" in names or "heads" in names:
             logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
-            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-            losses = losses.view(tokens.shape[0], -1)  # [batch, target position - 1]
+            losses = next_token_loss(logits, tokens, per_token=True)  # [batch, target position - 1]
             first_loss, second_loss = losses[:, :n].mean().item(), losses[:, n:].mean().item()
             out["icl"] = {"icl_first": first_loss, "icl_second": second_loss, "icl": first_loss - second_loss}
             patterns = torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)])
@@ -159,8 +155,6 @@ def compute(model, names, options: dict, val: ValidationData) -> dict:
             if val.batches is None:
                 out["val_loss"] = None
             else:
-                from training.evaluate import evaluate
-
                 out["val_loss"] = evaluate(model, val.batches, val.autocast)
         if "logit_lens" in names:
             lens_tokens = tokens if val.batches is None else val.batches[0][:, : model.cfg.n_ctx]
@@ -168,9 +162,7 @@ def compute(model, names, options: dict, val: ValidationData) -> dict:
         if "ablation" in names:
 
             def second_repetition_loss(logits):
-                target = tokens[:, second]
-                return F.cross_entropy(logits[:, second.start - 1 : second.stop - 1].flatten(0, 1).float(),
-                                       target.flatten())
+                return next_token_loss(logits[:, second.start - 1 : second.stop - 1], tokens[:, second.start - 1 : second.stop])
 
             result = head_ablation(model, tokens, options["ablation_method"], metric=second_repetition_loss,
                                    seed=options["seed"], include_mlps=False)
@@ -190,25 +182,17 @@ def induction_crossing(rows: list[dict], threshold: float = CROSSING) -> dict | 
 
 
 def logged_val_losses(run_dir: Path) -> dict[int, float]:
-    """step -> the val_loss the run logged (a half-written last line of a live run is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    found = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("val_loss") is not None:
-            found[row["step"]] = row["val_loss"]
-    return found
+    """step -> the val_loss the run logged."""
+    return {row["step"]: row["val_loss"] for row in rundir.read_metrics(run_dir) if row.get("val_loss") is not None}
 
 
-def _key(metric: str, options: dict, val: ValidationData) -> str:
+def _key(metric: str, options: dict, val: ValidationData, device: torch.device) -> str:
     relevant = {"val_loss": [val.identity], "logit_lens": [val.identity, options["icl_seq_len"], options["icl_batch"], options["seed"]],
                 "icl": [options["icl_seq_len"], options["icl_batch"], options["seed"]]}
     relevant["heads"] = relevant["icl"]
     relevant["ablation"] = relevant["icl"] + [options["ablation_method"]]
-    return hashlib.sha1(json.dumps([metric, relevant[metric]]).encode()).hexdigest()[:16]
+    # Kernels and autocast differ between device types: a CUDA result does not stand for a CPU one.
+    return hashlib.sha1(json.dumps([metric, relevant[metric], device.type]).encode()).hexdigest()[:16]
 
 
 def _checkpoint_identity(path: Path) -> dict:
@@ -354,17 +338,14 @@ def main(argv=None) -> int:
     p.add_argument("--icl-batch", type=int, default=8, help="number of repeated random sequences")
     p.add_argument("--seed", type=int, default=0, help="seed for the random sequences (fixed across checkpoints)")
     p.add_argument("--ablation-method", default="mean", choices=["zero", "mean", "resample"], help="how heads are ablated")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="auto", help=cli.DEVICE_HELP)
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     results = over_training(args.run_dir, metrics, icl_seq_len=args.icl_seq_len, icl_batch=args.icl_batch,
                             seed=args.seed, ablation_method=args.ablation_method, device=args.device)
-    out = cli.out_dir(args.out or Path(args.run_dir) / "analysis")
-    cli.write_json(out / "over_training.json", results)
-    page = write_report(results, out / "over_training.html")
+    out = cli.out_dir(args.out or Path(args.run_dir) / rundir.ANALYSIS)
     print(_crossing_text(results["crossing"]) if "heads" in metrics else "")
-    print(f"wrote {page} and {out / 'over_training.json'}")
-    return 0
+    return cli.finish(out, functools.partial(write_report, results), results, html="over_training.html", data="over_training.json")
 
 
 if __name__ == "__main__":

@@ -286,11 +286,8 @@ def main(argv=None) -> int:
     add_to_page(page, approx, model.to_str_tokens(clean), "Attribution patching (linear approximation)")
     page.add_heading("Agreement of attribution patching with activation patching")
     page.add_table(["kind", "correlation", "max |difference|"], [[k, v["correlation"], v["max_abs_diff"]] for k, v in agree.items()])
-    page.save(out / "report.html")
-    cli.write_json(out / "results.json", {"args": vars(args), "activation_patching": to_jsonable(real),
+    return cli.finish(out, page.save, {"args": vars(args), "activation_patching": to_jsonable(real),
                                           "attribution_patching": to_jsonable(approx), "agreement": agree})
-    print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -71,10 +71,7 @@ def main(argv=None) -> int:
         page.add_heading("Activation patching")
         page.add_text("not run: give --clean, --corrupted and --answer (python -m analyses.patching has defaults)", note=True)
 
-    path = page.save(out / "report.html")
-    cli.write_json(out / "results.json", results)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {out / 'results.json'}")
-    return 0
+    return cli.finish(out, page.save, results)
 
 
 def _top_token(model, tokens) -> int:

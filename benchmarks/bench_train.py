@@ -25,7 +25,9 @@ from training.config import TrainConfig  # noqa: E402
 from training.distributed import Dist  # noqa: E402
 from training.mfu import flops_per_token, measure_matmul_peak  # noqa: E402
 from hooked_gpt2.memory import keep_freed_memory  # noqa: E402
-from training.train import make_autocast, make_optimizer, train_step  # noqa: E402
+from training.precision import make_autocast  # noqa: E402
+from training.state import TrainState  # noqa: E402
+from training.train import Setup, make_optimizer, train_step  # noqa: E402
 from benchmarks.common import paired_ratio  # noqa: E402
 from benchmarks.reference_model import RefGPT2  # noqa: E402
 
@@ -59,9 +61,8 @@ def bench(precision: str, args) -> dict:
     for name, model in (("hooked", hooked), ("reference", ref)):
         opt = make_optimizer(model, cfg, torch.device("cpu"))
         loader = RandomBatches(4, args.batch_size, seq_len, mcfg.d_vocab)
-        runs[name] = (model, opt, loader, [])
-    step = lambda name: train_step(runs[name][0], runs[name][0], runs[name][1], scaler, runs[name][2], 1, 1e-3,  # noqa: E731
-                                   cfg, Dist(), autocast)
+        runs[name] = (TrainState(model, opt, scaler, loader), Setup(cfg, Dist(), 1, autocast, model), [])
+    step = lambda name: train_step(runs[name][0], runs[name][1], 1e-3)  # noqa: E731
     for name in runs:  # warm-up
         step(name)
     for i in range(args.steps):
@@ -69,9 +70,9 @@ def bench(precision: str, args) -> dict:
         for name in order:
             t = time.perf_counter()
             step(name)
-            runs[name][3].append(time.perf_counter() - t)
+            runs[name][2].append(time.perf_counter() - t)
     tokens = args.batch_size * seq_len
-    hooked_t, ref_t = runs["hooked"][3], runs["reference"][3]
+    hooked_t, ref_t = runs["hooked"][2], runs["reference"][2]
     peak = measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, seconds=2.0)
     fpt = flops_per_token(mcfg, seq_len)
     tps = {n: tokens / statistics.median(t) for n, t in (("hooked", hooked_t), ("reference", ref_t))}

@@ -4,5 +4,7 @@
 - ``data_prep.reader``: ``TokenDataset`` and ``BatchLoader`` for the training loop.
 
 Submodules are imported explicitly (``from data_prep.prepare import prepare``) so that
-preparing data never imports torch, which only the reader needs.
+preparing data never imports torch, which only the reader needs (the tokenizer and the
+atomic writer come from ``hooked_gpt2``, whose package import is lazy; tested with torch
+made unimportable).
 """

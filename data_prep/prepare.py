@@ -2,6 +2,7 @@
 
     python -m data_prep.prepare --source python-stdlib --out data/python-stdlib
     python -m data_prep.prepare --source fineweb-edu --out data/fineweb-edu --max-tokens 3200000000
+    python -m data_prep.prepare --source input.txt --out data/mine     # one text file: paragraphs
 
 Output: ``train_000000.bin ...`` and ``val_000000.bin ...`` in llm.c's shard layout, and
 ``manifest.json``, written last, whose presence means the output is complete. Re-running
@@ -9,7 +10,9 @@ the same command over complete output does nothing; over an interrupted run, it 
 the finished shards and completes the job.
 
 Splits: every ``val_every``-th document goes to validation until it holds ``val_tokens``
-tokens; all other documents go to training. Validation holds whole documents only.
+tokens; all other documents go to training. Validation holds whole documents only. A
+``.txt`` file is one document, except when it is the whole source (``--txt-docs auto``):
+then its blank-line-separated paragraphs are the documents, so both splits get some.
 ``max_tokens`` caps the training split exactly: its last document may be cut, so a
 token budget is met to the token.
 """
@@ -29,11 +32,14 @@ from tqdm import tqdm
 
 from data_prep.encode import encode_documents
 from data_prep.shards import (
-    HEADER_INT32, MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, ShardWriter, atomic_write,
+    HEADER_INT32, MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, ShardWriter,
     remove_shards_except, remove_temporaries, shard_size,
 )
-from data_prep.sources import TXT_DOCS, DataPrepError, Source, SourceStats, TextOptions, resolve_source
+from data_prep.sources import (
+    TXT_DOCS, DataPrepError, Source, SourceStats, TextOptions, resolve_source, resolve_txt_docs,
+)
 from data_prep.summary import format_summary
+from hooked_gpt2.atomic import atomic_write
 from hooked_gpt2.tokenizer import D_VOCAB, EOT_TOKEN, tokenizer_sha256
 
 __all__ = ["prepare", "ensure_default_data", "DataPrepError", "main"]
@@ -82,7 +88,7 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
             val_tokens: int = DEFAULT_VAL_TOKENS, val_every: int = DEFAULT_VAL_EVERY,
             workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, force: bool = False,
             text_column: str = "text", config: str | None = None, min_int_score: int | None = None,
-            data_files: str | None = None, txt_docs: str = "file", progress: bool = True,
+            data_files: str | None = None, txt_docs: str = "auto", progress: bool = True,
             log=print) -> Path:
     """Tokenise ``source`` into shards under ``out`` and return ``out``.
 
@@ -96,6 +102,8 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
     ['manifest.json', 'train_000000.bin', 'val_000000.bin']
     """
     workers = workers if workers is not None else default_workers()
+    if txt_docs in TXT_DOCS:
+        txt_docs = resolve_txt_docs(source, txt_docs)
     options = {
         "source": source, "max_tokens": max_tokens, "val_tokens": val_tokens, "val_every": val_every,
         "shard_tokens": shard_tokens, "text_column": text_column, "config": config,
@@ -125,7 +133,7 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
         # Finished shards stay (a re-run reuses them); half-written ones never do.
         remove_temporaries(out)
     remove_shards_except(out, {s["file"] for split in manifest["splits"].values() for s in split["shards"]})
-    atomic_write(out / MANIFEST, [json.dumps(manifest, indent=2).encode() + b"\n"])
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     log(format_summary(manifest, time.perf_counter() - start))
     return out
 
@@ -250,8 +258,8 @@ def empty_corpus_error(source: str, n_docs: int, stats: SourceStats) -> DataPrep
         return DataPrepError(f"{source} holds no documents to train on"
                              f"{f' ({skipped} empty or filtered out)' if skipped else ''}")
     return DataPrepError(f"all {n_docs} document(s) of {source} went to the validation split, which holds "
-                         "whole documents; lower --val-tokens (0 for none), or for one large text file "
-                         "pass --txt-docs paragraph")
+                         "whole documents; lower --val-tokens (0 for none), or split large text files "
+                         "into documents at blank lines with --txt-docs paragraph")
 
 
 class Progress:
@@ -313,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-files", default=None,
                    help="local parquet files (file, directory or glob) to read for fineweb-edu or hf: "
                         "sources instead of the hub")
-    p.add_argument("--txt-docs", choices=TXT_DOCS, default="file",
-                   help="how .txt files split into documents: one per file (default) or one per "
-                        "blank-line-separated paragraph")
+    p.add_argument("--txt-docs", choices=TXT_DOCS, default="auto",
+                   help="how .txt files split into documents: one per file, or one per blank-line-separated "
+                        "paragraph; auto (default): paragraphs when the source is one .txt file, else files")
     return p
 
 

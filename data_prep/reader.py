@@ -125,13 +125,14 @@ class BatchLoader:
     """
 
     def __init__(self, dataset: TokenDataset, batch_size: int, seq_len: int, *,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.dataset, self.batch_size, self.seq_len = dataset, batch_size, seq_len
         self.rank, self.world_size = rank, world_size
+        self.pin_memory = pin_memory  # page-locked batches, so a copy to the GPU with non_blocking=True is asynchronous
         self.tokens_per_rank = batch_size * seq_len
         self.step_tokens = self.tokens_per_rank * world_size
         if dataset.n_tokens < self.step_tokens + 1:
@@ -153,7 +154,9 @@ class BatchLoader:
         flat = torch.from_numpy(self.dataset.read(start, self.tokens_per_rank + 1))
         self.pos += self.step_tokens
         # Windows of seq_len + 1 that overlap by one token: row i's last token is row i+1's first.
-        return flat.unfold(0, self.seq_len + 1, self.seq_len).contiguous()
+        windows = flat.unfold(0, self.seq_len + 1, self.seq_len)
+        # A fresh buffer per batch: the previous one may still be copying to the GPU.
+        return torch.empty(windows.shape, dtype=windows.dtype, pin_memory=self.pin_memory).copy_(windows)
 
     def state_dict(self) -> dict:
         return {"pos": self.pos, "epoch": self.epoch, "n_tokens": self.dataset.n_tokens}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hooked_gpt2.atomic import atomic_path, temporary_path
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INT32 = 256
@@ -24,7 +26,6 @@ TOKEN_DTYPE = np.dtype("<u2")
 MAX_SHARD_TOKENS = 2**31 - 1
 SHARD_NAME = re.compile(r"^(train|val)_(\d{6})\.bin$")
 MANIFEST = "manifest.json"  # written last: its presence marks the output complete
-TMP_SUFFIX = ".tmp"
 # Test-only: seconds to sleep between writing a shard's temporary file and renaming it,
 # so a test can kill the process at the worst moment. Never set it otherwise.
 _DELAY_ENV = "HOOKED_GPT2_PREP_TEST_DELAY"
@@ -71,9 +72,8 @@ def file_sha256(path: Path) -> str:
 def write_shard(path: Path, tokens: np.ndarray) -> str:
     """Write ``tokens`` to ``path`` atomically and return the file's sha256.
 
-    The bytes go to ``path.tmp``, are flushed to disk, and only then renamed: a shard
-    under its final name is always complete. If ``path`` already holds exactly these
-    bytes (a resumed run), it is left alone.
+    A shard under its final name is always complete. If ``path`` already holds exactly
+    these bytes (a resumed run), it is left alone.
     """
     header = make_header(len(tokens))
     tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
@@ -85,7 +85,12 @@ def write_shard(path: Path, tokens: np.ndarray) -> str:
     # the file calls both release the GIL, so the two overlap.
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         sha = executor.submit(tokens_sha256, header, tokens)
-        atomic_write(path, [header.tobytes(), memoryview(tokens).cast("B")])
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(header.tobytes())
+                f.write(memoryview(tokens).cast("B"))
+            if os.environ.get(_DELAY_ENV):
+                time.sleep(float(os.environ[_DELAY_ENV]))
         return sha.result()
 
 
@@ -96,23 +101,9 @@ def tokens_sha256(header: np.ndarray, tokens: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: Path, parts: list) -> None:
-    """Write ``parts`` (bytes-like) to ``path.tmp``, flush it to disk, then rename it to
-    ``path``: under its final name a file is always whole, whenever the process dies."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        for part in parts:
-            f.write(part)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.environ.get(_DELAY_ENV):
-        time.sleep(float(os.environ[_DELAY_ENV]))
-    os.replace(tmp, path)
-
-
 def remove_temporaries(out_dir: Path) -> None:
     """Delete half-written shards (and manifest) that an interrupted run left behind."""
-    for path in [*out_dir.glob(f"*.bin{TMP_SUFFIX}"), out_dir / (MANIFEST + TMP_SUFFIX)]:
+    for path in [*out_dir.glob(temporary_path("*.bin").name), temporary_path(out_dir / MANIFEST)]:
         path.unlink(missing_ok=True)
 
 

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 FINEWEB_EDU_CONFIG = "sample-10BT"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-TXT_DOCS = ("file", "paragraph")
+TXT_DOCS = ("auto", "file", "paragraph")
 # Directories of the standard library that are not the library itself.
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -120,7 +120,19 @@ def resolve_source(source: str, *, config: str | None = None, data_files: str | 
     if opts.min_int_score is not None and any(f.suffix == ".txt" for f in files):
         raise DataPrepError("--min-int-score needs records with an int_score field; .txt files have none")
     info = {"files": len(files)}
+    if opts.txt_docs == "paragraph" and len(files) == 1 and files[0].suffix == ".txt":
+        info["documents"] = (f"{files[0].name} split into documents at blank lines (--txt-docs paragraph; "
+                             "--txt-docs file keeps it one document)")
     return Source("local", info, local_documents(files, opts, stats), stats)
+
+
+def resolve_txt_docs(source: str, txt_docs: str) -> str:
+    """``auto``: one text file is split into paragraphs (so a single corpus file, such as
+    tiny Shakespeare, yields documents for both splits); otherwise one document per file."""
+    if txt_docs != "auto":
+        return txt_docs
+    path = Path(source)
+    return "paragraph" if path.suffix == ".txt" and path.is_file() else "file"
 
 
 def stdlib_files(root: Path) -> list[Path]:

@@ -4,15 +4,11 @@ Compute-optimal training (Hoffmann et al. 2022, "Chinchilla") uses about 20 toke
 parameter, so a token count says which model size it suits.
 """
 
-TOKENS_PER_PARAMETER = 20
+from hooked_gpt2.config import GPT2Config  # torch-free
 
-# Parameter counts of the model presets (embeddings included). Hard-coded because the
-# model config module is written in parallel; keep in step with hooked_gpt2's presets.
-PRESET_PARAMETERS = {
-    "gpt2-small": 124_439_808,  # tied embedding and unembedding, as OpenAI's GPT-2
-    "gpt2-small-untied": 163_009_536,  # plus a separate W_U [d_model, d_vocab]
-    "gpt2-medium": 354_823_168,
-}
+TOKENS_PER_PARAMETER = 20
+# The presets the summary sizes the data against (parameter counts from their configs).
+SUMMARY_PRESETS = ("gpt2-small", "gpt2-small-untied", "gpt2-medium")
 
 
 def human(n: float) -> str:
@@ -39,6 +35,8 @@ def format_summary(manifest: dict, seconds: float) -> str:
         f"  val:   {val['tokens']:,} tokens, {val['documents']:,} documents, "
         f"{len(val['shards'])} shard(s)",
     ]
+    if manifest["source_info"].get("documents"):
+        lines.append(f"  documents: {manifest['source_info']['documents']}")
     if stats["replaced_characters"]:
         lines.append(f"  replaced {stats['replaced_characters']:,} undecodable byte sequence(s) with U+FFFD "
                      f"in {stats['files_with_replacements']:,} file(s) or record(s)")
@@ -47,7 +45,8 @@ def format_summary(manifest: dict, seconds: float) -> str:
                      f"{stats['filtered_documents']:,} filtered documents")
     lines.append(f"  Chinchilla-optimal model for {human(train['tokens'])} training tokens "
                  f"({TOKENS_PER_PARAMETER} tokens/parameter): {human(chinchilla_parameters(train['tokens']))} parameters")
-    for name, params in PRESET_PARAMETERS.items():
+    for name in SUMMARY_PRESETS:
+        params = GPT2Config.preset(name).n_params()
         need = params * TOKENS_PER_PARAMETER
         lines.append(f"  {name:<18} ({human(params)} params) needs {human(need)} tokens: "
                      f"{train['tokens'] / need:.1%} of that here")

@@ -1,21 +1,35 @@
-"""hooked-gpt2: a GPT-2 you can train from scratch and take apart."""
+"""hooked-gpt2: a GPT-2 you can train from scratch and take apart.
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, GPT2Config
-from .hook_points import HookError, HookPoint
-from .memory import keep_freed_memory
-from .model import HookedGPT2
-from .tokenizer import EOT_TOKEN, get_tokenizer
+The names below are imported on first use (PEP 562), so ``import hooked_gpt2.tokenizer``
+or ``hooked_gpt2.atomic`` (as data preparation does) never imports torch.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "EOT_TOKEN",
-    "GPT2Config",
-    "HookError",
-    "HookPoint",
-    "HookedGPT2",
-    "get_tokenizer",
-    "keep_freed_memory",
-]
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "ConfigError": "config",
+    "EOT_TOKEN": "tokenizer",
+    "GPT2Config": "config",
+    "HookError": "hook_points",
+    "HookPoint": "hook_points",
+    "HookedGPT2": "model",
+    "get_tokenizer": "tokenizer",
+    "keep_freed_memory": "memory",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

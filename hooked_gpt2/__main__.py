@@ -7,6 +7,7 @@ import torch
 
 from . import CheckpointError, ConfigError, GPT2Config, HookedGPT2
 from .config import PRESETS
+from .device import resolve_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,6 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     parser.add_argument("--seed", type=int, default=0, help="random seed (initialisation and sampling)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a CUDA GPU if there is one, else the CPU; the default, as in training), "
+                             "cpu, cuda or cuda:N")
     return parser.parse_args(argv)
 
 
@@ -36,6 +40,7 @@ def main(argv=None) -> int:
             print(f"(no checkpoint given: a freshly initialised {args.preset!r} model, so expect noise)",
                   file=sys.stderr)
             model = HookedGPT2(GPT2Config.preset(args.preset)).eval()
+        model = model.to(resolve_device(args.device))
         print(model.generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed))
     except (CheckpointError, ConfigError, ValueError) as e:

@@ -1,17 +1,17 @@
 """Checkpoints: ``config.json`` plus ``model.safetensors``; nothing is ever unpickled.
 
-Every file is written under a temporary name, flushed to disk and renamed, so a crash
-mid-save leaves the previous file intact rather than a truncated one.
+Every file is written atomically (``atomic``), so a crash mid-save leaves the previous
+file intact rather than a truncated one.
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, atomic_write
 from .config import ConfigError, GPT2Config
 
 CONFIG_NAME = "config.json"
@@ -23,26 +23,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged or does not match its config."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(Path(path), text.encode())
-
-
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file`` under a temporary name, flushed to disk, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``safetensors.torch.save_file``, atomically."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def model_state_for_saving(model) -> dict[str, torch.Tensor]:
@@ -58,7 +42,7 @@ def save_pretrained(model, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model_state_for_saving(model), path / WEIGHTS_NAME, {"format": FORMAT})
     config = {"format": FORMAT, "format_version": 1, **model.cfg.to_dict()}
-    atomic_write_text(path / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    atomic_write(path / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return path
 
 

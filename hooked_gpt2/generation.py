@@ -25,6 +25,9 @@ class KVCache:
         self.keys = torch.empty(shape, device=device, dtype=dtype)
         self.values = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # positions already stored; the model advances it after each forward
+        # Set by generate_tokens once the prompt is in: the ids it feeds back are sampled over
+        # d_vocab, so the model skips reading them back to check their range (a GPU sync per token).
+        self.ids_in_range = False
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's keys and values; return all of them so far."""
@@ -157,6 +160,8 @@ def generate_tokens(
             for _ in range(max_new_tokens):
                 resid = model.final_residual(step_input if use_kv_cache else out, kv_cache=kv_cache)
                 logits = unembed(resid[:, -1])  # only the last position: no other logits are read
+                if kv_cache is not None:
+                    kv_cache.ids_in_range = True
                 next_token = sample_next(logits, temperature, top_k, top_p, generator)
                 if stop_at_eos:
                     next_token = next_token.masked_fill(finished, EOT_TOKEN)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
-    CheckpointError, atomic_save_safetensors, atomic_write_text, load_state_into, load_weights, read_json,
+    CheckpointError, atomic_save_safetensors, atomic_write, load_state_into, load_weights, read_json,
 )
 from .config import ConfigError, GPT2Config
 from .model_card import model_card
@@ -196,21 +196,21 @@ def save_hf(model, path, source=None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(hf_state_dict(model), path / "model.safetensors", {"format": "pt"})
-    atomic_write_text(path / "config.json", json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    atomic_write(path / "config.json", json.dumps(hf_config_dict(cfg), indent=2) + "\n")
     generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
-    atomic_write_text(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    atomic_write(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     if cfg.d_vocab == D_VOCAB:
         write_hf_tokenizer(path, cfg.n_ctx)
-    atomic_write_text(path / "README.md", model_card(cfg, source or getattr(model, "source_dir", None)))
+    atomic_write(path / "README.md", model_card(cfg, source or getattr(model, "source_dir", None)))
     return path
 
 
 def write_hf_tokenizer(path: Path, n_ctx: int) -> None:
     """GPT-2's tokenizer files (vocab.json, merges.txt), rebuilt from the shipped ranks."""
     vocab, merges = hf_vocab_and_merges()
-    atomic_write_text(path / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    atomic_write_text(path / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    atomic_write(path / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write(path / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
     tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": n_ctx, "add_prefix_space": False, **special}
-    atomic_write_text(path / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
-    atomic_write_text(path / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    atomic_write(path / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+    atomic_write(path / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")

@@ -20,6 +20,7 @@ from .cache import ActivationCache
 from .config import GPT2Config
 from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
+from .losses import next_token_loss
 from .tokenizer import EOT_TOKEN, get_tokenizer
 
 
@@ -234,7 +235,8 @@ class HookedGPT2(HookedRootModule):
         """Everything but the unembedding: the output of ``ln_final``. Generation uses it to
         unembed only the last position."""
         past = kv_cache.length if kv_cache is not None else 0
-        tokens = self.check_tokens(tokens, past=past)
+        # Ids that generation sampled over d_vocab are in range by construction: not read back.
+        tokens = self.check_tokens(tokens, past=past, values=not (kv_cache is not None and kv_cache.ids_in_range))
         positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         embed = self.hook_embed(self.embed(tokens))
         pos_embed = self.pos_embed(positions).expand_as(embed)  # a view: no copy per batch row
@@ -256,14 +258,10 @@ class HookedGPT2(HookedRootModule):
         tokens = self.check_tokens(tokens, past=-1)  # the last token is only a target: n_ctx + 1 fit
         if tokens.shape[1] < 2:
             raise ValueError("loss needs at least 2 tokens per sequence (an input and a target)")
-        logits = self(tokens[:, :-1])
-        losses = F.cross_entropy(
-            logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none" if per_token else "mean"
-        )
-        return losses.view(tokens.shape[0], -1) if per_token else losses
+        return next_token_loss(self(tokens[:, :-1]), tokens, per_token)
 
-    def check_tokens(self, tokens, past: int = 0) -> Int[Tensor, "batch pos"]:
-        """Token ids as a 2-D long tensor, checked for range and length."""
+    def check_tokens(self, tokens, past: int = 0, values: bool = True) -> Int[Tensor, "batch pos"]:
+        """Token ids as a 2-D long tensor, checked for length and (``values``) range."""
         if not isinstance(tokens, Tensor):
             tokens = torch.as_tensor(tokens)
         if tokens.dim() == 1:
@@ -279,8 +277,8 @@ class HookedGPT2(HookedRootModule):
             )
         # Checking values syncs a GPU, so the training hot path on CUDA skips it (an
         # out-of-range id there still fails, in the embedding's device assert).
-        if not (tokens.is_cuda and self.training) and not torch.compiler.is_compiling():
-            low, high = int(tokens.min()), int(tokens.max())
+        if values and not (tokens.is_cuda and self.training) and not torch.compiler.is_compiling():
+            low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one read from the device, not two
             if low < 0 or high >= self.cfg.d_vocab:
                 bad = low if low < 0 else high
                 raise ValueError(f"token id {bad} is out of range: ids must be in [0, {self.cfg.d_vocab})")
@@ -414,7 +412,7 @@ class HookedGPT2(HookedRootModule):
             if incl_bwd:
                 with torch.enable_grad():
                     logits = self(tokens)
-                    value = metric(logits) if metric is not None else _next_token_loss(logits, tokens)
+                    value = metric(logits) if metric is not None else next_token_loss(logits, tokens)
                     if value.dim() != 0:
                         raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
                     value.backward()
@@ -476,6 +474,3 @@ class HookedGPT2(HookedRootModule):
         directory this model was loaded from)."""
         return hf_interop.save_hf(self, path, source)
 
-
-def _next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())

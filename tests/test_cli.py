@@ -30,8 +30,21 @@ def test_user_errors_are_one_line(tmp_path):
         (("--checkpoint", str(tmp_path / "missing")), "no checkpoint directory"),
         (("--preset", "tiny", "--max-new-tokens", "1000"), "exceeds the context"),
         (("--prompt", ""), "prompt is empty"),
+        (("--device", "gpu0"), "unknown device 'gpu0'"),
     ]:
         result = run(*args)
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_the_model_runs_on_the_device_asked_for(tmp_path, monkeypatch, capsys):
+    from hooked_gpt2 import __main__ as cli
+
+    devices = []
+    monkeypatch.setattr(HookedGPT2, "generate", lambda self, *args, **kwargs: devices.append(self.W_E.device) or "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["--max-new-tokens", "2", "--device", "meta"]) == 0  # meta: weights without storage
+    assert cli.main(["--max-new-tokens", "2"]) == 0
+    assert devices == [torch.device("meta"), torch.device("cpu")], "--device moves the model; auto is the CPU here"
+    assert cli.parse_args([]).device == "auto"

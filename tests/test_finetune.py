@@ -12,11 +12,11 @@ import torch
 
 from hooked_gpt2 import EOT_TOKEN, GPT2Config, HookedGPT2
 from hooked_gpt2.tokenizer import get_tokenizer
-from training import checkpointing
+from hooked_gpt2.losses import next_token_loss
+from training import rundir
 from training.finetune import FinetuneConfig, finetune, held_out_loss, main
 from training.instructions import (
-    ALPACA_TEMPLATE, IGNORE, InstructionDataError, collate, encode, fill, masked_next_token_loss, read_instructions,
-    read_template,
+    ALPACA_TEMPLATE, IGNORE, InstructionDataError, collate, encode, fill, read_instructions, read_template,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_masked_loss_is_the_mean_over_response_tokens(tiny_model):
     tok = get_tokenizer()
     examples = [encode(tok, "Q: which colour?\nA:", " red, then blue", 64), encode(tok, "Q: two?\nA:", " 2", 64)]
     inputs, labels = collate(examples, response_only=True)
-    loss = masked_next_token_loss(tiny_model, inputs, labels)
+    loss = next_token_loss(tiny_model(inputs), labels=labels)
     per_token = []  # reference: each example alone, its response targets picked by hand
     for e in examples:
         losses = tiny_model.loss(torch.tensor([e.tokens]), per_token=True)[0]
@@ -112,12 +112,12 @@ def test_finetuning_lowers_held_out_response_loss(start, data_file, template_fil
     # The recorded losses agree with the checkpoints, recomputed independently of the run.
     tok, template = get_tokenizer(), read_template(template_file)
     examples = [encode(tok, fill(template, records()[i]), records()[i]["output"], 48) for i in held_out]
-    first = HookedGPT2.from_pretrained(checkpointing.step_dir(run, 0))
-    last = HookedGPT2.from_pretrained(checkpointing.step_dir(run, 12))
+    first = HookedGPT2.from_pretrained(rundir.step_dir(run, 0))
+    last = HookedGPT2.from_pretrained(rundir.step_dir(run, 12))
     identity = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     assert held_out_loss(first, examples, 4, True, identity) == pytest.approx(val[0], rel=1e-5)
     assert held_out_loss(last, examples, 4, True, identity) == pytest.approx(val[12], rel=1e-5)
-    assert [s for s, _ in checkpointing.list_checkpoints(run)] == [0, 8, 12]
+    assert [s for s, _ in rundir.list_checkpoints(run)] == [0, 8, 12]
 
     responses = [json.loads(line) for line in (run / "responses.jsonl").read_text().splitlines()]
     assert [r["id"] for r in responses] == held_out
@@ -138,7 +138,7 @@ def test_whole_sequence_flag_puts_loss_on_the_prompt(start, data_file, template_
     tok, template = get_tokenizer(), read_template(template_file)
     ids = config["derived"]["held_out_ids"]
     examples = [encode(tok, fill(template, records()[i]), records()[i]["output"], 48) for i in ids]
-    first = HookedGPT2.from_pretrained(checkpointing.step_dir(tmp_path / "whole", 0))
+    first = HookedGPT2.from_pretrained(rundir.step_dir(tmp_path / "whole", 0))
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     identity = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     assert rows[0]["val_loss"] == pytest.approx(held_out_loss(first, examples, 4, False, identity), rel=1e-5)
@@ -151,8 +151,8 @@ def test_resume_after_an_interrupt_ends_where_an_uninterrupted_run_does(start, d
     finetune(cut, stop_after=2)
     assert not (tmp_path / "cut" / "responses.jsonl").exists()
     finetune(run_cfg(start, data_file, template_file, tmp_path / "cut", max_steps=6, eval_every=3, resume=True))
-    a = HookedGPT2.from_pretrained(checkpointing.step_dir(straight, 6)).state_dict()
-    b = HookedGPT2.from_pretrained(checkpointing.step_dir(tmp_path / "cut", 6)).state_dict()
+    a = HookedGPT2.from_pretrained(rundir.step_dir(straight, 6)).state_dict()
+    b = HookedGPT2.from_pretrained(rundir.step_dir(tmp_path / "cut", 6)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "cut" / "responses.jsonl").read_text() == (straight / "responses.jsonl").read_text().replace(
         '"model": "straight"', '"model": "cut"')

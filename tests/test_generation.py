@@ -137,3 +137,29 @@ def test_split_products_equal_f_linear(threads, bias, d_out):
         x = torch.randn(shape)
         torch.testing.assert_close(split(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)
         assert split(x).shape == (*shape[:-1], d_out)
+
+
+def test_kv_cache_decoding_reads_nothing_back_per_token(tiny_model):
+    # Each value read off a GPU tensor waits for the GPU: the range check of every decoded
+    # token used to read two (min and max). Ids the model sampled itself are not re-checked.
+    from benchmarks.syncs import HostReads
+
+    prompt = torch.tensor([[464, 2068, 7586]])
+    reads = {}
+    for new in (2, 12):
+        with HostReads() as counter:
+            tiny_model.generate(prompt, new, temperature=0, seed=0)
+        reads[new] = counter.total
+    assert reads[2] == reads[12] <= 2, reads  # the prompt's range check only
+    with HostReads() as counter:
+        tiny_model.generate(prompt, 12, temperature=0.8, top_k=5, top_p=0.9, seed=0)
+    assert counter.total == reads[2]
+
+
+def test_a_kv_cache_given_by_hand_still_checks_ids(tiny_model):
+    from hooked_gpt2.generation import KVCache
+
+    cache = KVCache(tiny_model.cfg, 1, 8, "cpu", torch.float32)
+    tiny_model(torch.tensor([[1, 2]]), kv_cache=cache)
+    with pytest.raises(ValueError, match="token id 50257 is out of range"):
+        tiny_model(torch.tensor([[50257]]), kv_cache=cache)

@@ -6,7 +6,7 @@ import json
 from analyses.evaluate import main as evaluate_main
 from hooked_gpt2 import HookedGPT2
 from hooked_gpt2.model_card import model_card
-from training import checkpointing
+from training import rundir
 from training.config import TrainConfig
 from training.train import train
 
@@ -18,7 +18,7 @@ def test_card_names_the_runs_settings_and_evaluation(shakespeare_data, tmp_path)
                       schedule="linear", eval_every=3, eval_batches=1, eval_batch_size=2, sample_tokens=0,
                       precision="fp32", progress=False, tensorboard=False, peak_flops=1e12, seed=7)
     run = train(cfg)
-    step, ckpt = checkpointing.list_checkpoints(run)[-1]
+    step, ckpt = rundir.list_checkpoints(run)[-1]
     assert evaluate_main([str(ckpt), "--data", str(shakespeare_data), "--max-tokens", "320", "--no-progress"]) == 0
     loss = next(iter(json.loads((ckpt / "evaluation.json").read_text())["test_loss"].values()))["loss"]
 

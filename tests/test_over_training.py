@@ -11,7 +11,7 @@ import torch
 from analyses import over_training as ot
 from tests.planted import INDUCTION_HEAD, build_planted_induction_model
 from tests.test_analyses_browser import CHROMIUM, chromium
-from training import checkpointing
+from training import rundir
 from training.config import TrainConfig
 from training.train import train
 
@@ -84,7 +84,7 @@ def planted_run(tmp_path_factory):
     """The planted model with its induction head scaled 0, 0.1, ..., 1: checkpoints 0..100."""
     run = tmp_path_factory.mktemp("planted") / "run"
     for i in range(11):
-        path = build_planted_induction_model(i / 10).save_pretrained(checkpointing.step_dir(run, 10 * i))
+        path = build_planted_induction_model(i / 10).save_pretrained(rundir.step_dir(run, 10 * i))
         (path / "state.json").write_text(json.dumps({"step": 10 * i, "tokens_seen": 10 * i * 1000}))
     (run / "config.json").write_text("{}\n")  # no data: validation loss is skipped, with a note
     return run
@@ -144,3 +144,25 @@ def test_user_errors_exit_2_without_traceback(case, message, tmp_path, capsys):
         ot.cli.run(ot.main, argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_recomputed_losses_autocast_on_the_analysis_device_and_cache_by_device(live_run):
+    cfg, run = live_run
+    config = json.loads((run / "config.json").read_text())
+    for device in ("cpu", "cuda"):
+        val = ot.ValidationData(config, torch.device(device))
+        autocast = val.autocast()
+        assert (autocast.device, autocast.fast_dtype) == (device, torch.bfloat16), "the run's bf16, on this device"
+    options = {"icl_seq_len": 8, "icl_batch": 2, "seed": 0, "ablation_method": "mean"}
+    val = ot.ValidationData(config, torch.device("cpu"))
+    for metric in ot.METRICS:
+        assert ot._key(metric, options, val, torch.device("cpu")) != ot._key(metric, options, val, torch.device("cuda"))
+        assert ot._key(metric, options, val, torch.device("cuda:0")) == ot._key(metric, options, val, torch.device("cuda:1"))
+
+
+def test_the_analyses_default_to_the_device_training_uses():
+    from analyses import cli
+
+    assert cli.parser("x").parse_args(["--checkpoint", "c", "--out", "o"]).device == "auto"
+    assert ot.over_training.__kwdefaults__["device"] == "auto"

@@ -11,6 +11,7 @@ import pytest
 
 from analyses import compare_runs
 from tests.test_analyses_browser import CHROMIUM, chromium
+from training import rundir
 from training import study as study_module
 from training.study import StudyError, StudyInterrupted, load_study, run_study
 
@@ -90,7 +91,7 @@ def test_study_resumes_without_redoing_finished_runs(tiny_study):
             run = out / variant / f"seed_{seed}"
             config = json.loads((run / "config.json").read_text())
             assert config["seed"] == seed and config["model"]["dropout"] == (0.1 if variant == "baseline" else 0.0)
-            assert study_module.run_state(run) == "finished"
+            assert rundir.run_status(run) == "finished"
             steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
             assert steps == list(range(7)), "the resumed run's metrics continue without gaps or repeats"
     assert json.loads((out / "study.json").read_text())["seeds"] == [3, 7]

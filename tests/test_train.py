@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from hooked_gpt2 import HookedGPT2
-from training import checkpointing
+from training import rundir
 from training import train as train_module
 from training.config import TrainConfig, config_from_args
 from training.evaluate import evaluate, fixed_val_batches
+from training.precision import make_autocast
+from training.state import TrainState
 from training.train import TrainingError, main, train
 
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, n_ctx=32)
@@ -36,13 +38,13 @@ def train_losses(run) -> list[float]:
 
 def test_run_writes_metrics_and_checkpoints_on_schedule(shakespeare_data, tmp_path):
     run = train(small_cfg(shakespeare_data, tmp_path / "run", sample_tokens=4))
-    steps = [s for s, _ in checkpointing.list_checkpoints(run)]
+    steps = [s for s, _ in rundir.list_checkpoints(run)]
     assert steps == [0, 1, 2, 4, 8, 12]
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(13))
     assert set(rows[1]) == {"step", "tokens_seen", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
     assert rows[12]["tokens_seen"] == 12 * 4 * 32 and rows[12]["val_loss"] is not None and rows[5]["val_loss"] is None
-    for step, path in checkpointing.list_checkpoints(run):
+    for step, path in rundir.list_checkpoints(run):
         model = HookedGPT2.from_pretrained(path)
         state = json.loads((path / "state.json").read_text())
         assert state["step"] == step and state["tokens_seen"] == step * 128
@@ -71,7 +73,7 @@ def test_resume_equals_uninterrupted_exactly(shakespeare_data, tmp_path, dropout
     whole = train(small_cfg(shakespeare_data, tmp_path / "whole", **kw))
     part = small_cfg(shakespeare_data, tmp_path / "part", **kw)
     train(part, stop_after=5)
-    assert checkpointing.latest_resumable(tmp_path / "part").name == "step_0000005"
+    assert rundir.latest_resumable(tmp_path / "part").name == "step_0000005"
     assert len(train_losses(tmp_path / "part")) == 5
     train(TrainConfig.from_dict({**part.to_dict(), "resume": True}))
     assert train_losses(tmp_path / "part") == train_losses(whole)  # bitwise, dropout RNG included
@@ -80,22 +82,37 @@ def test_resume_equals_uninterrupted_exactly(shakespeare_data, tmp_path, dropout
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_may_change_hardware_but_not_the_experiment(shakespeare_data, tmp_path):
+    cfg = small_cfg(shakespeare_data, tmp_path / "run", max_steps=4, eval_every=100)
+    train(cfg, stop_after=2)
+    with pytest.raises(TrainingError, match=r"differ from the run's config.json: \['lr'\]; these describe the experiment"):
+        train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True, "lr": 1e-2}))
+    with pytest.raises(TrainingError, match=r"\['seed'\]"):
+        train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True, "seed": 1}))
+    # Hardware: half the micro-batch, accumulated twice to the same global batch; bookkeeping too.
+    train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True, "batch_size": 2, "global_batch_tokens": 4 * 32,
+                                 "ddp_timeout_s": 60, "log_every": 2}))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["derived"]["grad_accum_steps"] == 2
+    ref = train(small_cfg(shakespeare_data, tmp_path / "ref", max_steps=4, eval_every=100))
+    assert train_losses(tmp_path / "run") == pytest.approx(train_losses(ref)[:2] + train_losses(ref)[3:], abs=1e-5)
+
+
 def test_crash_during_save_leaves_previous_checkpoint(shakespeare_data, tmp_path, monkeypatch):
     cfg = small_cfg(shakespeare_data, tmp_path / "run", max_steps=6, ckpt_every=4)
-    real_save = checkpointing.save_checkpoint
+    real_save = rundir.save_checkpoint
 
-    def crash_at_4(run_dir, model, state, resume=None):
-        if state["step"] == 4:  # die half-way: weights written, the rest not
+    def crash_at_4(run_dir, model, info, resume=None):
+        if info["step"] == 4:  # die half-way: weights written, the rest not
             model.save_pretrained(run_dir / "checkpoints" / ".step_0000004.tmp")
             raise KeyboardInterrupt("simulated kill -9 during a save")
-        return real_save(run_dir, model, state, resume)
+        return real_save(run_dir, model, info, resume)
 
-    monkeypatch.setattr(checkpointing, "save_checkpoint", crash_at_4)
+    monkeypatch.setattr(rundir, "save_checkpoint", crash_at_4)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
-    assert checkpointing.latest_resumable(cfg.out).name == "step_0000002"
-    HookedGPT2.from_pretrained(checkpointing.latest_resumable(cfg.out))
+    monkeypatch.setattr(rundir, "save_checkpoint", real_save)
+    assert rundir.latest_resumable(cfg.out).name == "step_0000002"
+    HookedGPT2.from_pretrained(rundir.latest_resumable(cfg.out))
     train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True}))
     assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp")), "resume cleans half-written checkpoints"
     assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(7)), "rows past the resumed step are redone once"
@@ -114,16 +131,16 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(shakespeare_data,
     calls = {"n": 0}
     real_loss = train_module.next_token_loss
 
-    def nan_on_step_3(model, tokens):
+    def nan_on_step_3(logits, tokens):
         calls["n"] += 1
-        loss = real_loss(model, tokens)
+        loss = real_loss(logits, tokens)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train_module, "next_token_loss", nan_on_step_3)
     cfg = small_cfg(shakespeare_data, tmp_path / "run", eval_every=100)
     with pytest.raises(TrainingError, match="loss is nan at step 3.*step_0000002"):
         train(cfg)
-    assert checkpointing.latest_resumable(cfg.out).name == "step_0000002"
+    assert rundir.latest_resumable(cfg.out).name == "step_0000002"
 
 
 # The interventions: each flag does what it says.
@@ -172,9 +189,9 @@ def test_gradient_clipping_bounds_the_update(clip):
             return torch.randint(0, 1000, (4, 33))
 
     cfg = TrainConfig(preset="tiny", model=dict(SMALL), grad_clip=clip)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    _, grad_norm = train_module.train_step(model, model, opt, scaler, Loader(), 1, 1.0, cfg, Dist(),
-                                           train_module.make_autocast("fp32", torch.device("cpu")))
+    state = TrainState(model, opt, torch.amp.GradScaler("cpu", enabled=False), Loader())
+    setup = train_module.Setup(cfg, Dist(), 1, make_autocast("fp32", torch.device("cpu")), model)
+    _, grad_norm, _ = train_module.train_step(state, setup, lr=1.0)
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
     assert grad_norm > 0.05, "the test needs a gradient larger than the clip"
     if clip is None:

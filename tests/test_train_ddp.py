@@ -9,8 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from training import checkpointing
+import pytest
+
+from training import rundir
 from training.config import TrainConfig
+from training.mfu import flops_per_token
 from training.train import main, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +47,10 @@ def test_two_process_ddp_equals_one_process(shakespeare_data, tmp_path):
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
     config = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert config["derived"]["world_size"] == 2 and config["global_batch_tokens"] == 4 * 32
+    # MFU: each process's tokens/s against one device's peak (--peak-flops 1e12), not the global tokens/s.
+    fpt = flops_per_token(TrainConfig.from_dict(config).model_config(), config["seq_len"])
+    trained = [r for r in ddp if r["tokens_per_s"] is not None]
+    assert trained and all(r["mfu"] == pytest.approx(r["tokens_per_s"] / 2 * fpt / 1e12) for r in trained)
     names = lambda run: [p.name for p in (run / "checkpoints").iterdir()]  # noqa: E731
     assert sorted(names(tmp_path / "ddp")) == sorted(names(tmp_path / "one")) == [
         "step_0000000", "step_0000001", "step_0000002", "step_0000004", "step_0000005"]
@@ -64,7 +71,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(shakespeare_data
         proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
     assert "SIGTERM" in stderr and "stopped at step" in stdout + stderr
-    ckpt = checkpointing.latest_resumable(out)
+    ckpt = rundir.latest_resumable(out)
     step = json.loads((ckpt / "state.json").read_text())["step"]
     assert step == rows(out)[-1]["step"] >= 3
     # Continue to a few steps past the interrupt: the same losses as a run never stopped.

@@ -13,15 +13,21 @@ import argparse
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hooked_gpt2 import ConfigError, GPT2Config
 from hooked_gpt2.config import PRESETS
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli is the same parser (a dependency there, see pyproject.toml)
+    import tomli as tomllib
+
+from . import rundir
+
 DEFAULT_DATA = "data/python-stdlib"
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -65,7 +71,9 @@ class TrainConfig:
     eps: float = _help("AdamW epsilon", default=1e-8)
     grad_clip: float | None = _help("clip the global gradient norm to this (off/0 = no clipping)", default=1.0)
     # Hardware.
-    precision: str = _help("fp32, bf16 (autocast, CPU or CUDA) or fp16 (autocast + grad scaler, CUDA)", default="bf16")
+    precision: str = _help("auto (bf16 where the GPU has it natively, else fp16; bf16 on the CPU), fp32, "
+                           "bf16 (autocast, CPU or CUDA) or fp16 (autocast + grad scaler, CUDA); "
+                           "config.json records the one chosen", default="auto")
     compile: bool = _help("torch.compile the model", default=False)
     device: str = _help("auto (CUDA if available), cpu, cuda or cuda:N", default="auto")
     ddp_timeout_s: int = _help("seconds a process waits on the others before the run fails", default=600)
@@ -85,7 +93,8 @@ class TrainConfig:
     keep_resume: int = _help("keep optimizer/data/RNG resume state in this many latest checkpoints", default=1)
     progress: bool = _help("show a progress bar", default=True)
     tensorboard: bool = _help("also log to RUN/tensorboard when tensorboard is installed", default=True)
-    peak_flops: float | None = _help("peak FLOP/s for MFU; default measured (CPU) or looked up (GPU)", default=None)
+    peak_flops: float | None = _help("one device's peak FLOP/s for MFU (per process under torchrun); "
+                                     "default measured (CPU) or looked up (GPU)", default=None)
 
     def __post_init__(self):
         self.validate()
@@ -165,6 +174,53 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
         return cls.from_dict(read_config_file(path))
+
+
+# What each field describes. This one declaration decides what a resumed run may change,
+# what must match for a study to reuse a run, and which runs compare as replicates of one
+# experiment (``changed_fields`` with FIXED_ON_RESUME or EXPERIMENT_ROLES).
+ROLES = {
+    # What is trained and measured: fixed for a run, shared by the runs of one variant.
+    "experiment": ("preset", "model", "data", "seq_len", "global_batch_tokens", "lr", "min_lr", "warmup_steps",
+                   "schedule", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "precision",
+                   "eval_batches", "eval_batch_size"),
+    # How long: a resumed run may be extended; runs compared must have the same length.
+    "length": ("max_steps", "max_tokens"),
+    # Which replicate of the experiment: fixed for a run, varies between the runs of a variant.
+    "replicate": ("seed",),
+    # How it is computed, not what (batch_size is the micro-batch: the global batch is fixed
+    # by global_batch_tokens): may change on resume, ignored when runs are compared.
+    "hardware": ("batch_size", "compile", "device", "ddp_timeout_s", "peak_flops"),
+    # What one run records and where: may change on resume, ignored when runs are compared.
+    "bookkeeping": ("out", "resume", "overwrite", "eval_every", "log_every",
+                    "sample_tokens", "sample_every", "sample_prompts", "ckpt_every", "ckpt_log_spaced",
+                    "keep_resume", "progress", "tensorboard"),
+}
+FIXED_ON_RESUME = ("experiment", "replicate")
+EXPERIMENT_ROLES = ("experiment", "length")
+_declared = [name for names in ROLES.values() for name in names]
+assert sorted(_declared) == sorted(f.name for f in dataclasses.fields(TrainConfig)), \
+    "every TrainConfig field has exactly one role in ROLES"
+
+
+def fields_with_roles(*roles: str) -> list[str]:
+    return [name for role in roles for name in ROLES[role]]
+
+
+def changed_fields(saved: dict, cfg: TrainConfig, roles: tuple[str, ...]) -> list[str]:
+    """The fields of ``roles`` in which ``cfg`` differs from a run's saved config.json.
+
+    Fields that ``cfg`` leaves for training to resolve (None: the default data, seq_len,
+    global batch; max_steps when max_tokens is given) are not compared; a data path is
+    compared resolved.
+    """
+    mine = cfg.to_dict()
+    if cfg.data is not None:
+        mine["data"] = str(Path(cfg.data).resolve())
+    unresolved = {k for k in ("data", "seq_len", "global_batch_tokens") if mine[k] is None}
+    if cfg.max_tokens is not None:  # the saved run turned it into max_steps for its world size
+        unresolved |= {"max_steps", "max_tokens"}
+    return sorted(k for k in fields_with_roles(*roles) if k not in unresolved and saved.get(k) != mine[k])
 
 
 def _positive(name, value):
@@ -259,9 +315,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     model_flags = {k.removeprefix("model."): v for k, v in args.items() if k.startswith("model.")}
     if flags.get("resume"):
         out = flags.get("out") or base.get("out") or default_out(flags.get("preset") or base.get("preset", "demo"))
-        saved = Path(out) / "config.json"
-        if saved.is_file():
-            base = {**base, **json.loads(saved.read_text())}
+        if rundir.has_config(out):
+            base = {**base, **rundir.read_config(out)}
             base.pop("derived", None)
     merged = {**base, **flags}
     merged["model"] = {**base.get("model", {}), **model_flags}

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hooked_gpt2 import ConfigError
+from hooked_gpt2.device import resolve_device
+
 
 @dataclass
 class Dist:
@@ -30,19 +33,23 @@ class Dist:
         return self.world_size > 1
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+def pick_device(name: str, local_rank: int, world_size: int = 1) -> torch.device:
+    """``auto`` is CUDA when there is a GPU; ``cuda`` is the GPU of this process's LOCAL_RANK."""
+    if name.startswith("cuda:") and world_size > 1:
+        raise ConfigError(
+            f"--device {name} names one GPU, but torchrun started {world_size} processes that would all train on it; "
+            "use --device cuda (each process takes the GPU of its LOCAL_RANK) and choose the GPUs with "
+            "CUDA_VISIBLE_DEVICES, e.g. CUDA_VISIBLE_DEVICES=2,3 torchrun --nproc_per_node 2 ...")
+    if str(resolve_device(name)) == "cuda":  # auto on a GPU machine, or cuda
         name = f"cuda:{local_rank}"
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def setup(device: str, timeout_s: int) -> Dist:
     """Join the torchrun process group if there is one; pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    dev = pick_device(device, local_rank, world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
@@ -74,13 +81,19 @@ def mean_over_ranks(d: Dist, value: float) -> float:
     return t.item() / d.world_size
 
 
-def any_rank(d: Dist, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any (so all ranks stop on the same step)."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def step_stats(d: Dist, loss_sum: torch.Tensor, grad_norm: torch.Tensor, stop: bool) -> tuple[float, float, bool]:
+    """A training step's (loss averaged over ranks, grad norm, whether any rank asked to stop).
+
+    The step's one host sync: a single all-reduce of the three, read back once. The grad
+    norm is the same on every rank (gradients are already all-reduced), so its mean is it.
+    A non-finite loss on any rank makes the mean non-finite on every rank.
+    """
+    flag = torch.full((), float(stop), dtype=torch.float64, device=loss_sum.device)  # a fill, not a copy
+    stats = torch.stack([loss_sum.double(), grad_norm.double().to(loss_sum.device), flag])
+    if d.enabled:
+        dist.all_reduce(stats)
+    loss, norm, stops = stats.tolist()
+    return loss / d.world_size, norm / d.world_size, stops > 0
 
 
 def gather_objects(d: Dist, obj) -> list:

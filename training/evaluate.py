@@ -4,7 +4,7 @@ The validation batches are the first ``n_batches`` of the val split, read the sa
 every time, so curves compare across runs and a later analysis can recompute a run's
 validation loss from ``RUN/config.json`` alone:
 
-    cfg = json.loads(Path("runs/demo/config.json").read_text())
+    cfg = rundir.read_config("runs/demo")
     batches = fixed_val_batches(cfg["data"], cfg["eval_batch_size"], cfg["seq_len"], cfg["eval_batches"])
     evaluate(HookedGPT2.from_pretrained("runs/demo/checkpoints/step_0000100"), batches)  # 5.04
 """
@@ -13,19 +13,10 @@ import contextlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from data_prep.reader import BatchLoader, TokenDataset
-
-
-def next_token_loss(model, tokens: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of ``tokens`` [batch, seq_len + 1].
-
-    Calls ``model(...)`` (not ``model.loss``) so a DDP or compiled wrapper sees the forward.
-    """
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+from hooked_gpt2.losses import next_token_loss
 
 
 def fixed_val_batches(data_dir: str | Path, batch_size: int, seq_len: int, n_batches: int) -> list[Tensor]:
@@ -47,7 +38,8 @@ def evaluate(model, batches: list[Tensor], autocast=None) -> float:
         total = 0.0
         for batch in batches:
             with autocast() if autocast else contextlib.nullcontext():
-                total += next_token_loss(model, batch.to(device)).item()
+                batch = batch.to(device)
+                total += next_token_loss(model(batch[:, :-1]), batch).item()
     finally:
         model.train(was_training)
     return total / len(batches)
@@ -61,21 +53,8 @@ def sample(model, prompt: str, max_new_tokens: int, *, temperature: float = 0.8,
     model.eval()
     try:
         tokens = model.to_tokens(prompt)
-        if hasattr(model, "generate"):
-            out = model.generate(tokens, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-        else:
-            out = _sample_loop(model, tokens, max_new_tokens, temperature, top_k, seed)
+        out = model.generate(tokens, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
         return model.to_string(out[0, tokens.shape[1]:])
     finally:
         model.train(was_training)
 
-
-def _sample_loop(model, tokens: Tensor, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> Tensor:
-    gen = torch.Generator(device=tokens.device).manual_seed(seed)
-    for _ in range(max_new_tokens):
-        logits = model(tokens[:, -model.cfg.n_ctx:])[:, -1].float() / temperature
-        top = torch.topk(logits, min(top_k, logits.shape[-1]))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
-        nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
-        tokens = torch.cat([tokens, nxt], dim=1)
-    return tokens

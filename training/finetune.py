@@ -34,20 +34,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from analyses.cli import load_model
 from analyses.common import AnalysisError
 from hooked_gpt2 import CheckpointError, ConfigError, EOT_TOKEN
-from hooked_gpt2.checkpoint import atomic_write_text
+from hooked_gpt2.atomic import atomic_write
+from hooked_gpt2.losses import IGNORE, next_token_loss
 from hooked_gpt2.memory import keep_freed_memory
 
-from . import distributed
+from . import distributed, rundir
 from .config import PRECISIONS, SCHEDULES, _arg_type, _help
-from .instructions import (
-    IGNORE, InstructionDataError, collate, encode, fill, masked_next_token_loss, read_instructions, read_template,
-)
+from .instructions import InstructionDataError, collate, encode, fill, read_instructions, read_template
 from .logger import Logger
 from .mfu import flops_per_token
+from .precision import make_autocast, resolve_precision
 from .schedule import get_lr
-from .train import (
-    StopSignal, TrainingError, apply_update, make_autocast, make_optimizer, prepare_run_dir, restore, save, trim_metrics,
-)
+from .state import TrainState
+from .train import Setup, StopSignal, TrainingError, make_optimizer, prepare_run_dir, restore, save, train_step
 
 
 @dataclass
@@ -79,7 +78,8 @@ class FinetuneConfig:
     beta2: float = _help("AdamW beta2", default=0.95)
     eps: float = _help("AdamW epsilon", default=1e-8)
     grad_clip: float | None = _help("clip the global gradient norm to this (off = no clipping)", default=1.0)
-    precision: str = _help("fp32, bf16 (autocast) or fp16 (autocast + grad scaler, CUDA)", default="bf16")
+    precision: str = _help("auto (bf16 where native, else fp16 on CUDA), fp32, bf16 (autocast) or fp16 (autocast + "
+                           "grad scaler, CUDA)", default="auto")
     device: str = _help("auto (CUDA if available), cpu, cuda or cuda:N", default="auto")
     ddp_timeout_s: int = _help("seconds a process waits on the others before the run fails", default=600)
     eval_every: int = _help("steps between held-out losses (also at step 0 and the end)", default=50)
@@ -108,6 +108,14 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# What a resumed fine-tune must keep (training.config's ROLES, for FinetuneConfig): the
+# starting point, the data and its split, the loss and the optimisation. The rest (length,
+# hardware, bookkeeping: epochs, max_steps, device, out, eval_every, ...) may change.
+FIXED_ON_RESUME = ("init", "data", "template", "response_loss_only", "max_len", "val_fraction", "seed", "batch_size",
+                   "lr", "min_lr", "warmup_steps", "schedule", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
+                   "precision")
 
 
 class InstructionBatches:
@@ -162,7 +170,7 @@ def held_out_loss(model, examples, batch_size: int, response_only: bool, autocas
             inputs, labels = collate(examples[start : start + batch_size], response_only)
             n = int((labels != IGNORE).sum())
             with autocast():
-                total += masked_next_token_loss(model, inputs.to(device), labels.to(device)).item() * n
+                total += next_token_loss(model(inputs.to(device)), labels=labels).item() * n
             count += n
     finally:
         model.train(was_training)
@@ -194,6 +202,7 @@ def finetune(cfg: FinetuneConfig, *, stop_after: int | None = None) -> Path:
 
 
 def _finetune(cfg: FinetuneConfig, d: distributed.Dist, stop_after: int | None) -> Path:
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, d.device))
     if cfg.precision == "fp16" and d.device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
     template, records = read_template(cfg.template), read_instructions(cfg.data)
@@ -216,78 +225,74 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist, stop_after: int | None) 
     run_dir = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(run_dir), max_steps=max_steps)
 
-    prepare_run_dir(cfg, d)
-    autocast = make_autocast(cfg.precision, d.device)
-    optimizer = make_optimizer(model, cfg, d.device)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+    mine = cfg.to_dict()
+    prepare_run_dir(cfg, d, lambda saved: sorted(k for k in FIXED_ON_RESUME if saved.get(k) != mine[k]))
+    view = run_view(cfg, model.cfg, max_len, d.world_size)
+    state = TrainState(model, make_optimizer(model, cfg, d.device),
+                       torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16"), batches,
+                       rank=d.rank, seed=cfg.seed)
     torch.manual_seed(cfg.seed + d.rank)
-    start_step = restore(run_dir, model, optimizer, scaler, batches, d) if cfg.resume else 0
-    view = logger_view(cfg, model.cfg, max_len, d.world_size)
+    if cfg.resume:
+        restore(run_dir, state)
     if d.is_main:
         derived = {"n_train": len(batches.examples), "n_held_out": len(val_ids), "held_out_ids": val_ids,
                    "dropped_too_long": len(train_ids) - len(usable), "steps_per_epoch": batches.steps_per_epoch,
                    "n_params": model.cfg.n_params(), "world_size": d.world_size, "device": str(d.device),
                    "model": model.cfg.to_dict(), "template": template}
-        atomic_write_text(run_dir / "config.json", json.dumps({**cfg.to_dict(), "derived": derived}, indent=2) + "\n")
-        trim_metrics(run_dir, start_step)
-    train_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else model
+        rundir.write_config(run_dir, cfg.to_dict(), derived)
+        rundir.trim_metrics(run_dir, state.step)
+    forward = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else model
+    setup = Setup(view, d, 1, make_autocast(cfg.precision, d.device), forward, labelled_batch_loss)
 
-    log = Logger(view, d, run_dir, max_steps, start_step, flops_per_token(model.cfg, max_len))
-    evaluate = lambda: held_out_loss(model, val_examples, cfg.batch_size, cfg.response_loss_only, autocast)  # noqa: E731
-    if start_step == 0:
+    log = Logger(view, d, run_dir, max_steps, state.step, flops_per_token(model.cfg, max_len))
+    evaluate = lambda: held_out_loss(model, val_examples, cfg.batch_size, cfg.response_loss_only, setup.autocast)  # noqa: E731
+    if state.step == 0:
         val_loss = evaluate()
         log.eval_row(0, val_loss)
-        save(run_dir, model, optimizer, scaler, batches, d, view, 0, None, val_loss)
-    step, loss, val_loss = start_step, None, None
+        save(run_dir, state, setup, train_loss=None, val_loss=val_loss)
+    loss, val_loss = None, None
     with StopSignal() as stop:
-        while step < max_steps:
-            lr = get_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
+        while state.step < max_steps:
+            lr = get_lr(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
                         schedule=cfg.schedule)
-            loss, grad_norm = finetune_step(train_model, model, optimizer, scaler, batches, lr, cfg, d, autocast)
-            step += 1
-            if not math.isfinite(loss):
-                raise TrainingError(f"the loss is {loss} at step {step}: stopping; lower --lr or keep --grad-clip on")
+            loss, grad_norm, interrupted = train_step(state, setup, lr, stop.requested or state.step + 1 == stop_after)
+            if not math.isfinite(loss):  # train_step left the weights and state.step as they were
+                raise TrainingError(f"the loss is {loss} at step {state.step + 1}: stopping; lower --lr or keep "
+                                    "--grad-clip on")
+            step = state.step
             val_loss = None
             if step % cfg.eval_every == 0 or step == max_steps:
                 with log.paused():
                     val_loss = evaluate()
             log.step(step, step * view.global_batch_tokens, loss, val_loss, lr, grad_norm)
-            interrupted = distributed.any_rank(d, stop.requested or step == stop_after)
             if step % cfg.ckpt_every == 0 or step == max_steps or interrupted:
                 with log.paused():
-                    save(run_dir, model, optimizer, scaler, batches, d, view, step, loss, val_loss)
+                    save(run_dir, state, setup, loss, val_loss)
             if interrupted:
                 log.message(f"stopped at step {step}: resumable checkpoint saved; continue with "
                             f"python -m training.finetune --out {run_dir} --resume")
                 break
-    log.close(step, loss, val_loss)
-    if step == max_steps and d.is_main:
+    log.close(state.step, loss, val_loss)
+    if state.step == max_steps and d.is_main:
         write_responses(model, run_dir, records, val_ids, template, cfg.max_new_tokens)
     distributed.barrier(d)
     return run_dir
 
 
-def finetune_step(train_model, model, optimizer, scaler, batches, lr, cfg, d, autocast) -> tuple[float, float]:
-    """One optimizer step on the next batch; returns (loss, grad norm)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    inputs, labels = batches.next_batch()
-    with autocast():
-        loss = masked_next_token_loss(train_model, inputs.to(d.device), labels.to(d.device))
-    scaler.scale(loss).backward()
-    value = distributed.mean_over_ranks(d, loss.item())
-    if not math.isfinite(value):
-        return value, float("nan")  # before the update: the weights stay those of the last step
-    return value, apply_update(model, optimizer, scaler, cfg.grad_clip)
+def labelled_batch_loss(forward: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device) -> torch.Tensor:
+    """The loss of one ``InstructionBatches`` batch: the labels that are not IGNORE."""
+    inputs, labels = batch
+    return next_token_loss(forward(inputs.to(device)), labels=labels.to(device))
 
 
-def logger_view(cfg: FinetuneConfig, mcfg, max_len: int, world_size: int) -> SimpleNamespace:
-    """What training's Logger and checkpoint ``save`` read from a run's config. Tokens per
-    step count padded slots: examples x max_len, an upper bound on the real tokens."""
+def run_view(cfg: FinetuneConfig, mcfg, max_len: int, world_size: int) -> SimpleNamespace:
+    """What training's Logger, ``train_step`` and checkpoint ``save`` read from a run's
+    config. Tokens per step count padded slots: examples x max_len, an upper bound on the
+    real tokens."""
     return SimpleNamespace(preset=f"a fine-tune of {cfg.init}", model_config=lambda: mcfg, precision=cfg.precision,
                            global_batch_tokens=cfg.batch_size * max_len * world_size, peak_flops=cfg.peak_flops,
                            progress=cfg.progress, tensorboard=cfg.tensorboard, log_every=cfg.log_every,
-                           keep_resume=cfg.keep_resume)
+                           keep_resume=cfg.keep_resume, grad_clip=cfg.grad_clip)
 
 
 def write_responses(model, run_dir: Path, records: list[dict], ids: list[int], template: dict, max_new_tokens: int):
@@ -297,7 +302,7 @@ def write_responses(model, run_dir: Path, records: list[dict], ids: list[int], t
         r = records[i]
         rows.append({"id": i, "instruction": r["instruction"], "input": r["input"], "output": r["output"],
                      "response": respond(model, fill(template, r), max_new_tokens), "model": run_dir.name})
-    atomic_write_text(run_dir / "responses.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write(run_dir / "responses.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def config_from_args(argv: list[str] | None = None) -> FinetuneConfig:

@@ -22,12 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from hooked_gpt2.losses import IGNORE
 from hooked_gpt2.tokenizer import EOT_TOKEN
-
-IGNORE = -100  # F.cross_entropy's ignore_index: label of prompt and padding positions
 
 # Stanford Alpaca's template (github.com/tatsu-lab/stanford_alpaca), in alpaca-lora's
 # template-file format: a --template JSON file gives the same two keys.
@@ -114,7 +112,8 @@ def encode(tokenizer, prompt: str, response: str, max_len: int) -> Example:
 
 def collate(examples: list[Example], response_only: bool = True) -> tuple[Tensor, Tensor]:
     """Inputs ``[batch, pos]`` right-padded with <|endoftext|>, and next-token labels with
-    padding (and, if ``response_only``, every target inside the prompt) set to IGNORE."""
+    padding (and, if ``response_only``, every target inside the prompt) set to IGNORE, for
+    ``next_token_loss(logits, labels=labels)``."""
     width = max(len(e.tokens) for e in examples) - 1
     inputs = torch.full((len(examples), width), EOT_TOKEN, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -125,12 +124,3 @@ def collate(examples: list[Example], response_only: bool = True) -> tuple[Tensor
         if response_only:
             labels[i, : e.n_prompt - 1] = IGNORE  # targets that are prompt tokens
     return inputs, labels
-
-
-def masked_next_token_loss(model, inputs: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the labels that are not IGNORE.
-
-    Calls ``model(...)`` so a DDP or compiled wrapper sees the forward. To merge with
-    training's next-token loss, which is this with no label ignored."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)

@@ -4,13 +4,13 @@ Only rank 0 writes; on the other ranks every method is a no-op.
 """
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .mfu import peak_flops
+from . import rundir
+from .mfu import mfu, peak_flops
 from .plots import write_loss_curve
 
 METRIC_KEYS = ("step", "tokens_seen", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
@@ -20,8 +20,8 @@ class Logger:
     def __init__(self, cfg, d, run_dir: Path, max_steps: int, start_step: int, flops_per_token: float):
         self.on = d.is_main
         self.cfg, self.run_dir, self.flops_per_token = cfg, Path(run_dir), flops_per_token
-        self.tokens_per_step = cfg.global_batch_tokens
-        self.peak = cfg.peak_flops or (peak_flops(d.device, cfg.precision) if self.on else None)
+        self.tokens_per_step, self.world_size = cfg.global_batch_tokens, d.world_size
+        self.peak = cfg.peak_flops or (peak_flops(d.device, cfg.precision) if self.on else None)  # one device's
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not (self.on and cfg.progress),
                         unit="step", dynamic_ncols=True)
         self.last_time, self.last_step = time.perf_counter(), start_step
@@ -47,7 +47,7 @@ class Logger:
     def sample(self, step: int, prompt: str, text: str) -> None:
         if not self.on:
             return
-        self.write_row("samples.jsonl", {"step": step, "prompt": prompt, "text": text})
+        self.write_row(rundir.SAMPLES, {"step": step, "prompt": prompt, "text": text})
         self.message(f"[step {step}] {prompt + text!r}")
 
     def step(self, step, tokens_seen, train_loss, val_loss, lr, grad_norm) -> None:
@@ -63,9 +63,9 @@ class Logger:
         elapsed = max(now - self.last_time - self.paused_s, 1e-9)
         tokens_per_s = (step - self.last_step) * self.tokens_per_step / elapsed
         self.last_time, self.last_step, self.paused_s = now, step, 0.0
-        mfu = tokens_per_s * self.flops_per_token / self.peak if self.peak else None
-        row = dict(zip(METRIC_KEYS, (step, tokens_seen, train_loss, val_loss, lr, grad_norm, tokens_per_s, mfu)))
-        self.write_row("metrics.jsonl", row)
+        util = mfu(tokens_per_s, self.flops_per_token, self.peak, self.world_size) if self.peak else None
+        row = dict(zip(METRIC_KEYS, (step, tokens_seen, train_loss, val_loss, lr, grad_norm, tokens_per_s, util)))
+        self.write_row(rundir.METRICS, row)
         postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}", "lr": f"{lr:.2e}"}
         if self.pending_val is not None:
             postfix["val"] = f"{self.pending_val:.3f}"
@@ -87,11 +87,10 @@ class Logger:
     def eval_row(self, step: int, val_loss: float) -> None:
         """Step 0's row: the initial model's validation loss."""
         if self.on:
-            self.write_row("metrics.jsonl", dict.fromkeys(METRIC_KEYS) | {"step": step, "tokens_seen": 0, "val_loss": val_loss})
+            self.write_row(rundir.METRICS, dict.fromkeys(METRIC_KEYS) | {"step": step, "tokens_seen": 0, "val_loss": val_loss})
 
     def write_row(self, name: str, row: dict) -> None:
-        with open(self.run_dir / name, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        rundir.append_row(self.run_dir, name, row)
 
     def close(self, step: int, train_loss: float | None, val_loss: float | None) -> None:
         if not self.on:

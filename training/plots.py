@@ -1,12 +1,8 @@
 """The loss curve of a run as one self-contained HTML file (plotly.js inlined)."""
 
-import json
 from pathlib import Path
 
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+from .rundir import read_metrics
 
 
 def write_loss_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:

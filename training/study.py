@@ -27,21 +27,19 @@ checkpoint exists) and resumes an interrupted one.
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 from data_prep.reader import ShardError
 from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError
-from hooked_gpt2.checkpoint import atomic_write_text
 
-from . import checkpointing
-from .config import TrainConfig
-from .train import RESUME_MAY_CHANGE, TrainingError, train
+from . import rundir
+from .config import EXPERIMENT_ROLES, TrainConfig, changed_fields, fields_with_roles, tomllib
+from .train import TrainingError, train
 
 BASELINE = "baseline"
 STUDY_KEYS = {"name", "seeds", "baseline", "variants", "out"}
-NOT_PER_RUN = {"out", "resume", "overwrite", "seed"}  # the study sets these for each run
+NOT_PER_RUN = {"out", "resume", "overwrite", *fields_with_roles("replicate")}  # the study sets these for each run
 
 
 class StudyError(ValueError):
@@ -131,34 +129,13 @@ def _merge(base: dict, overrides: dict) -> dict:
 def run_config(study: dict, variant: str, seed: int, study_dir: Path) -> TrainConfig:
     """The TrainConfig of one run of the study."""
     settings = {"progress": False, **study["variants"][variant]["config"]}
-    return TrainConfig.from_dict({**settings, "seed": seed, "out": str(run_dir(study_dir, variant, seed))})
-
-
-def run_dir(study_dir: Path, variant: str, seed: int) -> Path:
-    return Path(study_dir) / variant / f"seed_{seed}"
-
-
-def run_state(path: Path) -> str:
-    """``new``, ``finished`` (its final checkpoint exists) or ``interrupted``."""
-    config = path / "config.json"
-    if not config.is_file():
-        return "new"
-    max_steps = json.loads(config.read_text())["max_steps"]
-    steps = [step for step, _ in checkpointing.list_checkpoints(path)]
-    if max_steps in steps:
-        return "finished"
-    return "interrupted" if checkpointing.latest_resumable(path) is not None else "new"
+    return TrainConfig.from_dict({**settings, "seed": seed, "out": str(rundir.study_run_dir(study_dir, variant, seed))})
 
 
 def check_unchanged(cfg: TrainConfig, path: Path) -> None:
-    """A run already started must have been started with this study's settings."""
-    saved = json.loads((path / "config.json").read_text())
-    mine = cfg.to_dict()
-    # Keys train() resolves (paths, defaults) are compared only when the study gives them.
-    resolved = {"data", "out", "seq_len", "global_batch_tokens"}
-    may_differ = (RESUME_MAY_CHANGE | resolved) - ({"max_steps"} if cfg.max_tokens is None else set())
-    changed = sorted(k for k in mine if k not in may_differ and saved.get(k) != mine[k])
-    changed += [k for k in ("seq_len", "global_batch_tokens") if mine[k] is not None and saved.get(k) != mine[k]]
+    """A run already started must have been started with this study's settings (what
+    the config calls the experiment: hardware and bookkeeping settings may differ)."""
+    changed = changed_fields(rundir.read_config(path), cfg, (*EXPERIMENT_ROLES, "replicate"))
     if changed:
         raise StudyError(f"{path} was trained with other settings than the study file now gives ({changed}); "
                          "restore the study file, or run it into a new --out")
@@ -174,13 +151,13 @@ def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = No
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     plan = {k: v for k, v in study.items() if k != "out"}
-    atomic_write_text(study_dir / "study.json", json.dumps(plan, indent=2) + "\n")
+    rundir.write_study(study_dir, plan)
     actions = []
     for variant in study["variants"]:
         for seed in study["seeds"]:
             cfg = run_config(study, variant, seed, study_dir)
             path = Path(cfg.out)
-            state = run_state(path)
+            state = rundir.run_status(path)
             if state != "new":
                 check_unchanged(cfg, path)
             if state == "finished":
@@ -192,7 +169,7 @@ def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = No
             train(TrainConfig.from_dict({**cfg.to_dict(), **overrides}), stop_after=stop_after)
             stop_after = None
             actions.append((variant, seed, action))
-            if run_state(path) != "finished":
+            if rundir.run_status(path) != "finished":
                 raise StudyInterrupted(f"{variant} seed {seed} stopped before its last step; run the study "
                                        "again to resume it (finished runs are skipped)")
     return actions
@@ -211,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             for variant, v in study["variants"].items():
                 for seed in study["seeds"]:
-                    state = run_state(run_dir(out, variant, seed))
+                    state = rundir.run_status(rundir.study_run_dir(out, variant, seed))
                     print(f"{variant:>20} seed {seed}: {state:<11} {json.dumps(v['overrides'])}")
             return 0
         actions = run_study(study, out)

@@ -5,15 +5,19 @@
     torchrun --nproc_per_node 8 -m training.train --preset gpt2-small-untied --data DIR ...
     python -m training.train --out runs/demo --resume          # continue after an interrupt
 
-From Python, ``train(TrainConfig(...))`` returns the run directory.
+From Python, ``train(TrainConfig(...))`` returns the run directory. Another loop (a
+fine-tuning one) reuses the pieces: a ``TrainState`` (``training.state``), a ``Setup``, and
+``train_step(state, setup, lr)``; ``save`` / ``restore`` checkpoint the state into a run
+directory (``training.rundir``).
 """
 
 import contextlib
-import json
 import math
 import shutil
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,27 +25,44 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_prep.reader import BatchLoader, ShardError, TokenDataset
 from data_prep.sources import DataPrepError
-from hooked_gpt2.memory import keep_freed_memory
 from hooked_gpt2 import CheckpointError, ConfigError, HookedGPT2
-from hooked_gpt2.checkpoint import atomic_write_text
+from hooked_gpt2.losses import next_token_loss
+from hooked_gpt2.memory import keep_freed_memory
 
-from . import checkpointing, distributed
-from .config import DEFAULT_DATA, TrainConfig, config_from_args, default_out
-from .evaluate import evaluate, fixed_val_batches, next_token_loss, sample
+from . import distributed, rundir
+from .config import DEFAULT_DATA, FIXED_ON_RESUME, TrainConfig, changed_fields, config_from_args, default_out
+from .evaluate import evaluate, fixed_val_batches, sample
 from .logger import Logger
 from .mfu import flops_per_token
+from .precision import make_autocast, resolve_precision
 from .schedule import checkpoint_steps, get_lr
-
-# A resumed run may change these without changing what it computes.
-RESUME_MAY_CHANGE = {
-    "resume", "overwrite", "max_steps", "max_tokens", "progress", "tensorboard", "log_every", "compile",
-    "device", "ddp_timeout_s", "keep_resume", "peak_flops", "sample_tokens", "sample_prompts",
-    "eval_every", "sample_every", "ckpt_every", "ckpt_log_spaced",
-}
+from .state import TrainState, rng_for_rank
 
 
 class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+def token_batch_loss(forward: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pretraining's loss on one loader batch of ``[batch, seq_len + 1]`` tokens (inputs and
+    the final target)."""
+    batch = batch.to(device, non_blocking=True)
+    return next_token_loss(forward(batch[:, :-1]), batch)
+
+
+@dataclass
+class Setup:
+    """What every step of a run uses and nothing changes: the config, the processes, the
+    micro-batches per step, the autocast factory, the module the forward pass goes
+    through (the model, or its DDP / compiled wrapper), and the loss of one loader batch
+    (``batch_loss(forward, batch, device)``; fine-tuning's batches carry their labels)."""
+
+    cfg: TrainConfig
+    d: distributed.Dist
+    accum: int
+    autocast: Callable
+    forward: torch.nn.Module
+    batch_loss: Callable = token_batch_loss
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None) -> Path:
@@ -68,90 +89,92 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     run_dir = Path(cfg.out)
     prepare_run_dir(cfg, d)
     mcfg = cfg.model_config()
-    accum, max_steps = cfg.grad_accum_steps(d.world_size), cfg.max_steps
+    max_steps = cfg.max_steps
     ckpt_steps = set(checkpoint_steps(max_steps, cfg.ckpt_every, cfg.ckpt_log_spaced))
-    autocast = make_autocast(cfg.precision, d.device)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = HookedGPT2(mcfg).to(d.device).train()
-    optimizer = make_optimizer(model, cfg, d.device)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
-    loader = BatchLoader(TokenDataset(cfg.data, "train"), cfg.batch_size, cfg.seq_len,
-                         rank=d.rank, world_size=d.world_size)
+    state = TrainState(model, make_optimizer(model, cfg, d.device),
+                       torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16"),
+                       BatchLoader(TokenDataset(cfg.data, "train"), cfg.batch_size, cfg.seq_len,
+                                   rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda"),
+                       rank=d.rank, seed=cfg.seed)
     val_batches = fixed_val_batches(cfg.data, cfg.eval_batch_size, cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed + d.rank)  # each rank its own dropout masks
-    start_step = restore(run_dir, model, optimizer, scaler, loader, d) if cfg.resume else 0
+    if cfg.resume:
+        restore(run_dir, state)
     if d.is_main:
-        write_config(cfg, d, accum, mcfg)
-        trim_metrics(run_dir, start_step)
-    train_model = torch.compile(model) if cfg.compile else model
+        write_config(cfg, d, mcfg)
+        rundir.trim_metrics(run_dir, state.step)
+    forward = torch.compile(model) if cfg.compile else model
     if d.enabled:
-        train_model = DDP(train_model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        forward = DDP(forward, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    setup = Setup(cfg, d, cfg.grad_accum_steps(d.world_size), make_autocast(cfg.precision, d.device), forward)
 
-    log = Logger(cfg, d, run_dir, max_steps, start_step, flops_per_token(mcfg, cfg.seq_len))
-    if start_step == 0:
-        val_loss = eval_and_sample(model, val_batches, cfg, d, log, autocast, step=0)
+    log = Logger(cfg, d, run_dir, max_steps, state.step, flops_per_token(mcfg, cfg.seq_len))
+    if state.step == 0:
+        val_loss = eval_and_sample(model, val_batches, setup, log, step=0)
         log.eval_row(0, val_loss)
-        save(run_dir, model, optimizer, scaler, loader, d, cfg, step=0, train_loss=None, val_loss=val_loss)
-    step, loss, val_loss = start_step, None, None
+        save(run_dir, state, setup, train_loss=None, val_loss=val_loss)
+    loss, val_loss = None, None
     with StopSignal() as stop:
-        while step < max_steps:
-            lr = get_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+        while state.step < max_steps:
+            lr = get_lr(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                         max_steps=max_steps, schedule=cfg.schedule)
-            loss, grad_norm = train_step(train_model, model, optimizer, scaler, loader, accum, lr, cfg, d, autocast)
-            step += 1
-            if not math.isfinite(loss):
-                raise TrainingError(f"the training loss is {loss} at step {step}: stopping. The last good checkpoint "
-                                    f"is {checkpointing.latest_resumable(run_dir)}; lower --lr or keep --grad-clip on")
+            loss, grad_norm, interrupted = train_step(state, setup, lr, stop.requested or state.step + 1 == stop_after)
+            if not math.isfinite(loss):  # train_step left the weights and state.step as they were
+                raise TrainingError(f"the training loss is {loss} at step {state.step + 1}: stopping. The last good "
+                                    f"checkpoint is {rundir.latest_resumable(run_dir)}; lower --lr or keep --grad-clip on")
+            step = state.step
             val_loss = None
             if step % cfg.eval_every == 0 or step == max_steps:
                 with log.paused():
-                    val_loss = eval_and_sample(model, val_batches, cfg, d, log, autocast, step, step == max_steps)
+                    val_loss = eval_and_sample(model, val_batches, setup, log, step, step == max_steps)
             log.step(step, step * cfg.global_batch_tokens, loss, val_loss, lr, grad_norm)
-            interrupted = distributed.any_rank(d, stop.requested or step == stop_after)
             if step in ckpt_steps or interrupted:
                 with log.paused():
-                    save(run_dir, model, optimizer, scaler, loader, d, cfg, step, loss, val_loss)
+                    save(run_dir, state, setup, loss, val_loss)
             if interrupted:
                 log.message(f"stopped at step {step}: resumable checkpoint saved; continue with "
                             f"python -m training.train --out {run_dir} --resume")
                 break
-    log.close(step, loss, val_loss)
+    log.close(state.step, loss, val_loss)
     return run_dir
 
 
-def train_step(train_model, model, optimizer, scaler, loader, accum, lr, cfg, d, autocast):
-    """One optimizer step over ``accum`` micro-batches; returns (mean loss, grad norm)."""
+def train_step(state: TrainState, setup: Setup, lr: float, stop: bool = False) -> tuple[float, float, bool]:
+    """One optimizer step over ``setup.accum`` micro-batches.
+
+    Returns (mean loss, gradient norm before clipping, whether any rank asked to stop),
+    read from the device in the step's one host sync (``distributed.step_stats``). On a
+    non-finite loss the weights are left as they were and ``state.step`` is not advanced.
+    """
+    d, optimizer, scaler = setup.d, state.optimizer, state.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), device=d.device)
-    for micro in range(accum):
-        batch = loader.next_batch().to(d.device, non_blocking=True)
+    for micro in range(setup.accum):
+        batch = state.loader.next_batch()
         # DDP all-reduces gradients only on the last micro-step.
-        sync = micro == accum - 1 or not d.enabled
-        with contextlib.nullcontext() if sync else train_model.no_sync():
-            with autocast():
-                loss = next_token_loss(train_model, batch) / accum
+        sync = micro == setup.accum - 1 or not d.enabled
+        with contextlib.nullcontext() if sync else setup.forward.no_sync():
+            with setup.autocast():
+                loss = setup.batch_loss(setup.forward, batch, d.device) / setup.accum
             scaler.scale(loss).backward()
         total += loss.detach()
-    loss = distributed.mean_over_ranks(d, total.item())
-    if not math.isfinite(loss):
-        return loss, float("nan")  # before the update: the weights stay those of the last step
-    return loss, apply_update(model, optimizer, scaler, cfg.grad_clip)
-
-
-def apply_update(model, optimizer, scaler, grad_clip: float | None) -> float:
-    """Unscale, clip and apply the accumulated gradients, then clear them; returns the
-    gradient norm before clipping."""
     scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = [p for p in state.model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if grad_clip is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
+    loss, norm, stop = distributed.step_stats(d, total, grad_norm, stop)
+    if not math.isfinite(loss):
+        return loss, norm, stop  # the run stops here: no update from a non-finite loss
+    if setup.cfg.grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, setup.cfg.grad_clip, grad_norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()
+    state.step += 1
+    return loss, norm, stop
 
 
 def make_optimizer(model: HookedGPT2, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -167,17 +190,11 @@ def make_optimizer(model: HookedGPT2, cfg: TrainConfig, device: torch.device) ->
                              fused=device.type == "cuda")
 
 
-def make_autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def eval_and_sample(model, val_batches, cfg, d, log, autocast, step, final=False) -> float:
+def eval_and_sample(model, val_batches, setup: Setup, log, step, final=False) -> float:
     """Validation loss on the fixed batches (split over ranks), and rank 0's samples."""
+    cfg, d = setup.cfg, setup.d
     mine = val_batches[d.rank :: d.world_size]
-    total = evaluate(model, mine, autocast) * len(mine) if mine else 0.0
+    total = evaluate(model, mine, setup.autocast) * len(mine) if mine else 0.0
     val_loss = distributed.mean_over_ranks(d, total) * d.world_size / len(val_batches)
     if d.is_main and cfg.sample_tokens and (step % cfg.sample_every == 0 or final):
         for i, prompt in enumerate(cfg.sample_prompts):
@@ -185,40 +202,33 @@ def eval_and_sample(model, val_batches, cfg, d, log, autocast, step, final=False
     return val_loss
 
 
-def save(run_dir, model, optimizer, scaler, loader, d, cfg, step, train_loss, val_loss) -> None:
-    """Checkpoint ``step`` (rank 0 writes; every rank contributes its RNG state)."""
-    rngs = distributed.gather_objects(d, checkpointing.rng_state())
-    if d.is_main:
-        state = {"step": step, "tokens_seen": step * cfg.global_batch_tokens,
-                 "train_loss": train_loss, "val_loss": val_loss}
-        resume = {"optimizer": optimizer.state_dict(), "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                  "rng": rngs, "loader": loader.state_dict()}
-        checkpointing.save_checkpoint(run_dir, model, state, resume)
-        checkpointing.drop_old_resume_state(run_dir, cfg.keep_resume)
-    distributed.barrier(d)
+def save(run_dir, state: TrainState, setup: Setup, train_loss, val_loss) -> None:
+    """Checkpoint ``state`` (rank 0 writes; every rank contributes its RNG state)."""
+    saved = state.state_dict()
+    rngs = distributed.gather_objects(setup.d, saved["rng"])
+    if setup.d.is_main:
+        info = {"step": state.step, "tokens_seen": state.step * setup.cfg.global_batch_tokens,
+                "train_loss": train_loss, "val_loss": val_loss}
+        resume = {"optimizer": saved["optimizer"], "grad_scaler": saved["grad_scaler"], "rng": rngs,
+                  "loader": saved["loader"]}
+        rundir.save_checkpoint(run_dir, state.model, info, resume)
+        rundir.drop_old_resume_state(run_dir, setup.cfg.keep_resume)
+    distributed.barrier(setup.d)
 
 
-def restore(run_dir, model, optimizer, scaler, loader, d) -> int:
-    """Load the latest resumable checkpoint into the run's objects; returns its step."""
-    ckpt = checkpointing.latest_resumable(run_dir)
+def restore(run_dir, state: TrainState) -> None:
+    """Load the latest resumable checkpoint into ``state``."""
+    ckpt = rundir.latest_resumable(run_dir)
     if ckpt is None:
         raise TrainingError(f"{run_dir} has no resumable checkpoint; start a new run without --resume")
-    saved = checkpointing.load_resume(ckpt)
-    with torch.no_grad():
-        for p, q in zip(model.parameters(), saved["model"].parameters(), strict=True):
-            p.copy_(q)
-    optimizer.load_state_dict(saved["optimizer"])
-    if saved["grad_scaler"] is not None:
-        scaler.load_state_dict(saved["grad_scaler"])
-    loader.load_state_dict(saved["loader"])
-    rngs = saved["rng"]
-    checkpointing.set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
-    return saved["state"]["step"]
+    saved = rundir.load_checkpoint(ckpt)
+    state.load_state_dict({**saved, "step": saved["info"]["step"], "rng": rng_for_rank(saved["rng"], state.rank)})
 
 
 # Setting up: resolve defaults, check the run directory, record the config.
 def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
-    """``cfg`` with every default made explicit (absolute paths, batch, steps)."""
+    """``cfg`` with every default made explicit (absolute paths, batch, steps, precision)."""
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, d.device))
     if cfg.precision == "fp16" and d.device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA GPU (autocast with a grad scaler); on the CPU use bf16 or fp32")
     data = cfg.data
@@ -243,19 +253,21 @@ def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
     return resolved
 
 
-def prepare_run_dir(cfg: TrainConfig, d: distributed.Dist) -> None:
+def prepare_run_dir(cfg, d: distributed.Dist, fixed_changed: Callable[[dict], list[str]] | None = None) -> None:
+    """Check ``cfg.out`` against ``cfg.resume`` / ``cfg.overwrite`` and make it ready.
+    ``fixed_changed(saved_config)`` names the fields a resume may not change (default:
+    TrainConfig's, by their roles)."""
     run_dir = Path(cfg.out)
     exists = run_dir.is_dir() and any(p.is_file() for p in run_dir.rglob("*"))  # empty folders do not count
     if cfg.resume:
-        if not (run_dir / "config.json").is_file():
+        if not rundir.has_config(run_dir):
             raise TrainingError(f"nothing to resume: {run_dir} holds no run (no config.json); "
                                 "give the run's directory with --out")
-        saved = json.loads((run_dir / "config.json").read_text())
-        saved.pop("derived", None)
-        mine = cfg.to_dict()
-        changed = sorted(k for k in mine if k not in RESUME_MAY_CHANGE and saved.get(k) != mine[k])
+        fixed_changed = fixed_changed or (lambda saved: changed_fields(saved, cfg, FIXED_ON_RESUME))
+        changed = fixed_changed(rundir.read_config(run_dir))
         if changed:
-            raise TrainingError(f"--resume with settings that differ from the run's config.json: {changed}; "
+            raise TrainingError(f"--resume with settings that differ from the run's config.json: {changed}; these "
+                                "describe the experiment (only hardware, length and bookkeeping settings may change); "
                                 "resume with the run's own settings, or start a new run with a new --out")
     elif exists and not cfg.overwrite:
         raise TrainingError(f"run directory {run_dir} already exists and is not empty; continue it with --resume, "
@@ -264,29 +276,18 @@ def prepare_run_dir(cfg: TrainConfig, d: distributed.Dist) -> None:
     if d.is_main:
         if exists and cfg.overwrite and not cfg.resume:
             shutil.rmtree(run_dir)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        checkpointing.remove_temporaries(run_dir)
+        rundir.make_checkpoints_dir(run_dir)
     distributed.barrier(d)
 
 
-def write_config(cfg: TrainConfig, d: distributed.Dist, accum: int, mcfg) -> None:
+def write_config(cfg: TrainConfig, d: distributed.Dist, mcfg) -> None:
     derived = {
-        "world_size": d.world_size, "grad_accum_steps": accum, "device": str(d.device),
+        "world_size": d.world_size, "grad_accum_steps": cfg.grad_accum_steps(d.world_size), "device": str(d.device),
         "n_params": mcfg.n_params(), "n_params_non_embedding": mcfg.n_params(embeddings=False),
         "checkpoint_steps": checkpoint_steps(cfg.max_steps, cfg.ckpt_every, cfg.ckpt_log_spaced),
         "torch": torch.__version__,
     }
-    text = json.dumps({**cfg.to_dict(), "derived": derived}, indent=2) + "\n"
-    atomic_write_text(Path(cfg.out) / "config.json", text)
-
-
-def trim_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics rows past the resumed step (written before a crash, about to be redone)."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = run_dir / name
-        if path.is_file():
-            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-            atomic_write_text(path, "".join(r + "\n" for r in rows))
+    rundir.write_config(cfg.out, cfg.to_dict(), derived)
 
 
 class StopSignal:
