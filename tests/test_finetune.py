@@ -158,6 +158,17 @@ def test_resume_after_an_interrupt_ends_where_an_uninterrupted_run_does(start, d
         '"model": "straight"', '"model": "cut"')
 
 
+def test_resume_refuses_a_changed_experiment_setting(start, data_file, template_file, tmp_path, capsys):
+    finetune(run_cfg(start, data_file, template_file, tmp_path / "run", max_steps=4), stop_after=1)
+    flags = ["--out", str(tmp_path / "run"), "--resume", "--no-progress"]
+    assert main(flags + ["--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "['lr']" in err and "Traceback" not in err
+    assert main(flags + ["--eval-every", "2", "--max-steps", "5"]) == 0  # bookkeeping and length may change
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [0, 2, 4, 5]
+
+
 @pytest.mark.parametrize("content, problem", [
     (json.dumps([{"instruction": "a", "output": "b"}, {"input": "x", "output": "y"}]), 'record 1 has no "instruction"'),
     ('{"instruction": "a", "output": "b"}\n{"prompt": "x"}\n', ':2 has no "instruction"'),

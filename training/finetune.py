@@ -22,7 +22,6 @@ the model's greedy responses to the held-out prompts go to ``responses.jsonl``, 
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +43,9 @@ from .instructions import InstructionDataError, collate, encode, fill, read_inst
 from .logger import Logger
 from .mfu import flops_per_token
 from .precision import make_autocast, resolve_precision
-from .schedule import get_lr
+from .schedule import checkpoint_steps
 from .state import TrainState
-from .train import Setup, StopSignal, TrainingError, make_optimizer, prepare_run_dir, restore, save, train_step
+from .train import Setup, TrainingError, make_optimizer, prepare_run_dir, restore, run_command, run_loop
 
 
 @dataclass
@@ -245,34 +244,10 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist, stop_after: int | None) 
     setup = Setup(view, d, 1, make_autocast(cfg.precision, d.device), forward, labelled_batch_loss)
 
     log = Logger(view, d, run_dir, max_steps, state.step, flops_per_token(model.cfg, max_len))
-    evaluate = lambda: held_out_loss(model, val_examples, cfg.batch_size, cfg.response_loss_only, setup.autocast)  # noqa: E731
-    if state.step == 0:
-        val_loss = evaluate()
-        log.eval_row(0, val_loss)
-        save(run_dir, state, setup, train_loss=None, val_loss=val_loss)
-    loss, val_loss = None, None
-    with StopSignal() as stop:
-        while state.step < max_steps:
-            lr = get_lr(state.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
-                        schedule=cfg.schedule)
-            loss, grad_norm, interrupted = train_step(state, setup, lr, stop.requested or state.step + 1 == stop_after)
-            if not math.isfinite(loss):  # train_step left the weights and state.step as they were
-                raise TrainingError(f"the loss is {loss} at step {state.step + 1}: stopping; lower --lr or keep "
-                                    "--grad-clip on")
-            step = state.step
-            val_loss = None
-            if step % cfg.eval_every == 0 or step == max_steps:
-                with log.paused():
-                    val_loss = evaluate()
-            log.step(step, step * view.global_batch_tokens, loss, val_loss, lr, grad_norm)
-            if step % cfg.ckpt_every == 0 or step == max_steps or interrupted:
-                with log.paused():
-                    save(run_dir, state, setup, loss, val_loss)
-            if interrupted:
-                log.message(f"stopped at step {step}: resumable checkpoint saved; continue with "
-                            f"python -m training.finetune --out {run_dir} --resume")
-                break
-    log.close(state.step, loss, val_loss)
+    run_loop(run_dir, state, setup, log, max_steps, set(checkpoint_steps(max_steps, cfg.ckpt_every, log_spaced=False)),
+             stop_after, "python -m training.finetune",
+             evaluate=lambda step: held_out_loss(model, val_examples, cfg.batch_size, cfg.response_loss_only,
+                                                 setup.autocast))
     if state.step == max_steps and d.is_main:
         write_responses(model, run_dir, records, val_ids, template, cfg.max_new_tokens)
     distributed.barrier(d)
@@ -286,13 +261,11 @@ def labelled_batch_loss(forward: torch.nn.Module, batch: tuple[torch.Tensor, tor
 
 
 def run_view(cfg: FinetuneConfig, mcfg, max_len: int, world_size: int) -> SimpleNamespace:
-    """What training's Logger, ``train_step`` and checkpoint ``save`` read from a run's
+    """``cfg`` with what training's Logger, ``run_loop`` and ``save`` also read from a run's
     config. Tokens per step count padded slots: examples x max_len, an upper bound on the
     real tokens."""
-    return SimpleNamespace(preset=f"a fine-tune of {cfg.init}", model_config=lambda: mcfg, precision=cfg.precision,
-                           global_batch_tokens=cfg.batch_size * max_len * world_size, peak_flops=cfg.peak_flops,
-                           progress=cfg.progress, tensorboard=cfg.tensorboard, log_every=cfg.log_every,
-                           keep_resume=cfg.keep_resume, grad_clip=cfg.grad_clip)
+    return SimpleNamespace(**cfg.to_dict(), preset=f"a fine-tune of {cfg.init}", model_config=lambda: mcfg,
+                           global_batch_tokens=cfg.batch_size * max_len * world_size)
 
 
 def write_responses(model, run_dir: Path, records: list[dict], ids: list[int], template: dict, max_new_tokens: int):
@@ -325,13 +298,8 @@ def config_from_args(argv: list[str] | None = None) -> FinetuneConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run_dir = finetune(config_from_args(argv))
-    except (ConfigError, TrainingError, CheckpointError, InstructionDataError, AnalysisError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"run directory: {run_dir}")
-    return 0
+    return run_command(lambda: finetune(config_from_args(argv)),
+                       (ConfigError, TrainingError, CheckpointError, InstructionDataError, AnalysisError))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 8 -m training.train --preset gpt2-small-untied --data DIR ...
     python -m training.train --out runs/demo --resume          # continue after an interrupt
 
-From Python, ``train(TrainConfig(...))`` returns the run directory. Another loop (a
-fine-tuning one) reuses the pieces: a ``TrainState`` (``training.state``), a ``Setup``, and
+From Python, ``train(TrainConfig(...))`` returns the run directory. Fine-tuning
+(``training.finetune``) reuses the pieces: a ``TrainState`` (``training.state``), a ``Setup``
+(its ``batch_loss`` reads the loader's batches), ``run_loop`` and in it
 ``train_step(state, setup, lr)``; ``save`` / ``restore`` checkpoint the state into a run
 directory (``training.rundir``).
 """
@@ -112,8 +113,21 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     setup = Setup(cfg, d, cfg.grad_accum_steps(d.world_size), make_autocast(cfg.precision, d.device), forward)
 
     log = Logger(cfg, d, run_dir, max_steps, state.step, flops_per_token(mcfg, cfg.seq_len))
+    run_loop(run_dir, state, setup, log, max_steps, ckpt_steps, stop_after, "python -m training.train",
+             evaluate=lambda step: eval_and_sample(model, val_batches, setup, log, step, step == max_steps))
+    return run_dir
+
+
+def run_loop(run_dir: Path, state: TrainState, setup: Setup, log: Logger, max_steps: int, ckpt_steps: set[int],
+             stop_after: int | None, command: str, evaluate: Callable[[int], float]) -> None:
+    """Train ``state`` to ``max_steps`` (pretraining's loop, and fine-tuning's): the step-0
+    evaluation and checkpoint of a new run, then ``train_step`` each step, the validation
+    loss ``evaluate(step)`` every ``eval_every`` steps and at the end, a checkpoint at
+    ``ckpt_steps``, and a resumable stop on SIGINT/SIGTERM or at ``stop_after``.
+    ``command`` is how the user resumes the run."""
+    cfg = setup.cfg
     if state.step == 0:
-        val_loss = eval_and_sample(model, val_batches, setup, log, step=0)
+        val_loss = evaluate(0)
         log.eval_row(0, val_loss)
         save(run_dir, state, setup, train_loss=None, val_loss=val_loss)
     loss, val_loss = None, None
@@ -129,17 +143,16 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
             val_loss = None
             if step % cfg.eval_every == 0 or step == max_steps:
                 with log.paused():
-                    val_loss = eval_and_sample(model, val_batches, setup, log, step, step == max_steps)
+                    val_loss = evaluate(step)
             log.step(step, step * cfg.global_batch_tokens, loss, val_loss, lr, grad_norm)
             if step in ckpt_steps or interrupted:
                 with log.paused():
                     save(run_dir, state, setup, loss, val_loss)
             if interrupted:
                 log.message(f"stopped at step {step}: resumable checkpoint saved; continue with "
-                            f"python -m training.train --out {run_dir} --resume")
+                            f"{command} --out {run_dir} --resume")
                 break
     log.close(state.step, loss, val_loss)
-    return run_dir
 
 
 def train_step(state: TrainState, setup: Setup, lr: float, stop: bool = False) -> tuple[float, float, bool]:
@@ -314,15 +327,21 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(run: Callable[[], Path], user_errors: tuple[type[Exception], ...]) -> int:
+    """The end of a training command: the run directory printed and exit code 0, or a
+    user error as one ``error: ...`` line and exit code 2."""
     try:
-        cfg = config_from_args(argv)
-        run_dir = train(cfg)
-    except (ConfigError, TrainingError, ShardError, CheckpointError, DataPrepError) as e:
+        run_dir = run()
+    except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run directory: {run_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: train(config_from_args(argv)),
+                       (ConfigError, TrainingError, ShardError, CheckpointError, DataPrepError))
 
 
 if __name__ == "__main__":
