@@ -289,9 +289,8 @@ def config_from_args(argv: list[str] | None = None) -> FinetuneConfig:
     p.add_argument("--whole-sequence", dest="response_loss_only", action="store_false",
                    help="put the loss on prompt and response tokens alike")
     flags = vars(p.parse_args(argv))
-    saved = Path(flags["out"]) / "config.json" if "out" in flags else None
-    if flags.get("resume") and saved is not None and saved.is_file():  # the run's own settings, then the flags given now
-        base = json.loads(saved.read_text())
+    if flags.get("resume") and "out" in flags and rundir.has_config(flags["out"]):  # the run's settings, then the flags
+        base = rundir.read_config(flags["out"])
         base.pop("derived", None)
         flags = {**base, **flags}
     return FinetuneConfig(**flags)
