@@ -9,4 +9,5 @@ fine-tuned models' responses) print tables and write JSON instead.
 
 >>> from analyses.heads import induction_scores
 >>> induction_scores(model, seed=0).shape  # [n_layers n_heads]
+torch.Size([2, 4])
 """

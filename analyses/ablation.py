@@ -95,7 +95,7 @@ def ablate(model, tokens, heads=(), mlps=(), method="zero", metric: Metric | Non
            reference_tokens=None, seed: int = 0) -> float:
     """The metric (mean loss by default) with ``heads`` and ``mlps`` ablated together.
 
-    >>> ablate(model, tokens, heads=[(0, 1), (1, 3)], method="mean")
+    >>> loss = ablate(model, tokens, heads=[(0, 1), (1, 3)], method="mean")
     """
     tokens = model.check_tokens(tokens)
     metric = metric or mean_loss(tokens)
@@ -126,6 +126,7 @@ def head_ablation(
 
     >>> result = head_ablation(model, tokens, method="zero")
     >>> result.heads.shape  # [n_layers n_heads]
+    torch.Size([2, 4])
     """
     if method not in METHODS:
         raise AnalysisError(f"unknown ablation method {method!r}; choose from {', '.join(METHODS)}")

@@ -21,6 +21,7 @@ def attention_patterns(
 
     >>> patterns = attention_patterns(model, model.to_tokens("Hello world"), layers=[0])
     >>> patterns[0].shape  # [n_heads pos pos]
+    torch.Size([4, 3, 3])
     """
     tokens = model.check_tokens(tokens)
     layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]

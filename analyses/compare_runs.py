@@ -9,6 +9,17 @@ difference of means from the baseline with a 95% confidence interval from Welch'
 and the baseline share seeds (same initial weights and data order), the paired difference
 over those seeds with its own t interval. Written as ``comparison.md`` (also printed),
 ``comparison.json`` and ``comparison.html`` (the table, and loss curves with seed bands).
+Which noise separates a variant's runs (initialisation seed, data-order seed) is said above
+the table.
+
+The same statistics compare what the runs learned, from each run's
+``RUN/analysis/over_training.json`` (``analyses.over_training``, run with head ablation on
+runs that lack it, cached): when the induction head forms, the in-context learning score
+(final, largest), the best previous-token and induction scores, how concentrated the
+in-context learning is over heads (head ablation), and the logit-lens loss of each layer
+at the last checkpoint; a metric a run lacks is reported missing. The Markdown says in
+words which differences exceed seed noise; the HTML adds curves over training per metric,
+variants overlaid with seed bands.
 
 Given run directories, runs whose configs agree in the fields that describe the experiment
 (``training.config.ROLES``: not the seed, hardware or bookkeeping) are one variant, named by
@@ -30,6 +41,7 @@ from training import rundir
 from training.config import EXPERIMENT_ROLES, fields_with_roles
 
 from . import cli
+from . import compare_learned as learned
 from .common import AnalysisError
 from .html import Page
 
@@ -101,10 +113,7 @@ def group_runs(paths: list[Path]) -> tuple[dict[str, list[Path]], dict[str, list
     if study is not None:
         groups = {}
         for variant in study["variants"]:
-            runs = [rundir.study_run_dir(paths[0], variant, s) for s in study["seeds"]]
-            groups[variant] = [r for r in runs if rundir.has_config(r)]
-            if not groups[variant]:
-                raise AnalysisError(f"variant {variant!r} of {paths[0]} has no runs yet: run the study first")
+            groups[variant] = [rundir.study_run_dir(paths[0], variant, s) for s in study["seeds"]]
         return groups, {v: spec.get("stack", []) for v, spec in study["variants"].items()}
     groups: dict[str, list[Path]] = {}
     keys: dict[str, str] = {}
@@ -124,14 +133,88 @@ def group_runs(paths: list[Path]) -> tuple[dict[str, list[Path]], dict[str, list
     return groups, {}
 
 
-def seed_of(run: Path) -> int:
-    return rundir.read_config(run)["seed"]
+def finished_runs(groups: dict[str, list[Path]]) -> tuple[dict[str, list[Path]], list[dict]]:
+    """The finished runs of each variant (variants with none are dropped), and the runs left
+    out: ``{"variant", "run", "status", "reason"}`` for each run not finished (failed, still
+    interrupted, not started), so that a report can say which seeds its means lack."""
+    finished, left_out = {}, []
+    for name, runs in groups.items():
+        for run in runs:
+            status = rundir.run_status(run)
+            if status == "finished" and _has_final_loss(run):
+                finished.setdefault(name, []).append(run)
+                continue
+            reason = {"failed": f"failed: {rundir.failure(run)}", "new": "not started",
+                      "interrupted": f"interrupted at step {_last_step(run)}; re-run the study to resume it",
+                      "finished": "no validation loss at its last step"}[status]
+            left_out.append({"variant": name, "run": str(run), "status": status, "reason": reason})
+    return finished, left_out
 
 
-def compare(paths: list[str | Path]) -> dict:
+def _has_final_loss(run: Path) -> bool:
+    try:
+        final_val_loss(run)
+        return True
+    except AnalysisError:
+        return False
+
+
+def _last_step(run: Path) -> int | None:
+    steps = [step for step, _ in rundir.list_checkpoints(run)]
+    return steps[-1] if steps else None
+
+
+def seed_of(run: Path):
+    """Which replicate a run is, for pairing runs across variants: ``n`` of a study's
+    ``seed_<n>`` directory (the study gives every variant's run n the same seeds), else
+    the run's seed, with its data-order seed when it has one."""
+    if run.name.startswith("seed_") and run.name[5:].isdigit() and rundir.read_study(run.parent.parent) is not None:
+        return int(run.name[5:])
+    config = rundir.read_config(run)
+    order = config.get("data_order_seed")
+    return config["seed"] if order is None else f"seed {config['seed']}, data order {order}"
+
+
+def noise(groups: dict[str, list[Path]]) -> dict[str, str]:
+    """For each replicate field (initialisation seed, data-order seed): ``varied`` when it
+    differs between the runs of some variant, else ``fixed`` (with its value)."""
+    out = {}
+    for name in fields_with_roles("replicate"):
+        values = {v: {json.dumps(rundir.read_config(r).get(name)) for r in runs} for v, runs in groups.items()}
+        varied = any(len(vals) > 1 for vals in values.values())
+        every = sorted({x for vals in values.values() for x in vals})
+        out[name] = "varied" if varied else f"fixed ({', '.join(every)})"
+    return out
+
+
+def summarise(values: dict[str, list], seeds: dict[str, list], baseline: str) -> dict[str, dict]:
+    """Per variant, over its runs' values (None = missing, left out): the values, how many
+    there are, mean, sample std, and against the baseline the Welch difference of means
+    and, over the seeds both have, the paired difference."""
+    out = {}
+    base = {s: x for s, x in zip(seeds[baseline], values[baseline]) if x is not None}
+    for name, vals in values.items():
+        present = {s: x for s, x in zip(seeds[name], vals) if x is not None}
+        xs = list(present.values())
+        entry = {"values": vals, "n": len(xs), "mean": statistics.fmean(xs) if xs else None,
+                 "std": statistics.stdev(xs) if len(xs) > 1 else None}
+        if name != baseline and xs and base:
+            entry["welch"] = welch(xs, list(base.values()))
+            common = [s for s in present if s in base]
+            if len(common) >= 2:
+                entry["paired"] = paired([present[s] for s in common], [base[s] for s in common])
+        out[name] = entry
+    return out
+
+
+def compare(paths: list[str | Path], over_training: bool = True, compute: bool = True, log=print) -> dict:
     """The comparison of the runs (a study directory, or run directories; the first variant
-    is the baseline): ``{"baseline", "variants": {name: {"seeds", "final_val_loss", "mean",
-    "std", "welch", "paired", "stack"}}}``.
+    is the baseline): ``{"baseline", "noise", "variants": {name: {"runs", "seeds",
+    "final_val_loss", "mean", "std", "welch", "paired", "stack"}}, "learned": {metric:
+    {"label", "variants": {name: {"values", "n", "mean", "std", "welch", "paired"}}}}}``.
+
+    ``learned`` compares what the runs learned, from each run's over_training.json
+    (computed where missing when ``compute``; see ``analyses.compare_learned``).
 
     >>> compare(["runs/study-reference_interventions"])["variants"]["no_dropout"]["welch"]  # doctest: +SKIP
     """
@@ -139,42 +222,127 @@ def compare(paths: list[str | Path]) -> dict:
     for path in paths:
         if not path.is_dir():
             raise AnalysisError(f"{path} does not exist")
-    groups, stacks = group_runs(paths)
+    planned, stacks = group_runs(paths)
+    groups, left_out = finished_runs(planned)
+    baseline = next(iter(planned))
+    if baseline not in groups:
+        raise AnalysisError(f"the baseline {baseline!r} has no finished run: finish it (python -m training.study "
+                            "resumes a study) before comparing against it")
+    seeds = {name: [seed_of(r) for r in runs] for name, runs in groups.items()}
+    losses = {name: [final_val_loss(r) for r in runs] for name, runs in groups.items()}
     variants = {}
-    for name, runs in groups.items():
-        losses = [final_val_loss(r) for r in runs]
-        variants[name] = {"runs": [str(r) for r in runs], "seeds": [seed_of(r) for r in runs], "final_val_loss": losses,
-                          "mean": statistics.fmean(losses), "std": statistics.stdev(losses) if len(losses) > 1 else None,
-                          "stack": stacks.get(name, [])}
-    baseline = next(iter(variants))
-    base = variants[baseline]
-    for name, v in variants.items():
-        if name == baseline:
-            continue
-        v["welch"] = welch(v["final_val_loss"], base["final_val_loss"])
-        common = [s for s in v["seeds"] if s in base["seeds"]]
-        if len(common) >= 2:
-            mine = dict(zip(v["seeds"], v["final_val_loss"]))
-            theirs = dict(zip(base["seeds"], base["final_val_loss"]))
-            v["paired"] = paired([mine[s] for s in common], [theirs[s] for s in common])
-    return {"baseline": baseline, "level": LEVEL, "variants": variants}
+    for name, summary in summarise(losses, seeds, baseline).items():
+        variants[name] = {"runs": [str(r) for r in groups[name]], "seeds": seeds[name], "planned": len(planned[name]),
+                          "final_val_loss": losses[name],
+                          "mean": summary["mean"], "std": summary["std"], "stack": stacks.get(name, []),
+                          **{k: summary[k] for k in ("welch", "paired") if k in summary}}
+    result = {"baseline": baseline, "level": LEVEL, "noise": noise(groups), "variants": variants, "left_out": left_out}
+    if over_training:
+        results = {name: [learned.load_over_training(r, compute, log) for r in runs] for name, runs in groups.items()}
+        per_run = {name: [learned.run_values(r) for r in rs] for name, rs in results.items()}
+        names = list(dict.fromkeys(k for runs in per_run.values() for values in runs for k in values))
+        result["learned"] = {
+            metric: {"label": learned.label(metric),
+                     "variants": summarise({v: [r.get(metric) for r in runs] for v, runs in per_run.items()}, seeds, baseline)}
+            for metric in names}
+        result["learned_curves"] = {
+            metric: {v: [learned.curve(r, metric) for r in rs] for v, rs in results.items()} for metric in learned.CURVES}
+    return result
 
 
 def markdown_table(result: dict) -> str:
     pct = round(100 * result["level"])
-    lines = [f"| variant | seeds | final val loss (mean ± std) | Δ vs {result['baseline']} [{pct}% CI, Welch] | "
+    lines = [noise_text(result) + "\n",
+             f"| variant | seeds | final val loss (mean ± std) | Δ vs {result['baseline']} [{pct}% CI, Welch] | "
              f"exceeds noise | paired Δ [{pct}% CI] |", "|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
-        label = f"{name} (stacked: {' + '.join(v['stack'])})" if v["stack"] else name
+        label = variant_label(name, v)
         std = "n/a" if v["std"] is None else f"{v['std']:.4f}"
-        row = [label, str(len(v["seeds"])), f"{v['mean']:.4f} ± {std}"]
+        row = [label, seeds_text(v), f"{v['mean']:.4f} ± {std}"]
         if name == result["baseline"]:
             row += ["(baseline)", "", ""]
         else:
             w = v["welch"]
             row += [_interval(w), _yes_no(w["exceeds_noise"]), _interval(v["paired"]) if "paired" in v else "n/a"]
         lines.append("| " + " | ".join(row) + " |")
+    if result.get("left_out"):
+        lines += ["", left_out_text(result)]
+    if "learned" in result:
+        lines += ["", learned_table(result), learned_in_words(result)]
     return "\n".join(lines) + "\n"
+
+
+def variant_label(name: str, v: dict) -> str:
+    label = f"{name} (stacked: {' + '.join(v['stack'])})" if v["stack"] else name
+    return label if len(v["seeds"]) == v.get("planned", len(v["seeds"])) else f"{label} ⚠ fewer seeds"
+
+
+def seeds_text(v: dict) -> str:
+    planned = v.get("planned", len(v["seeds"]))
+    return str(planned) if len(v["seeds"]) == planned else f"{len(v['seeds'])} of {planned} finished"
+
+
+def left_out_text(result: dict) -> str:
+    """The runs not in the means, each with why: failed runs are reported, never dropped silently."""
+    lines = ["Runs left out of the means (⚠ marks variants with fewer finished seeds):", ""]
+    lines += [f"- {r['variant']}: {r['run']}: {r['status']} ({r['reason']})" for r in result["left_out"]]
+    missing = sorted({r["variant"] for r in result["left_out"]} - set(result["variants"]))
+    if missing:
+        lines += ["", f"Variants with no finished run, not compared: {', '.join(missing)}."]
+    return "\n".join(lines)
+
+
+def noise_text(result: dict) -> str:
+    n = result["noise"]
+    return (f"Noise between the runs of a variant: initialisation (and dropout) seed {n['seed']}; "
+            f"data-order seed {n['data_order_seed'].replace('null', 'none: the stream in order')}.")
+
+
+def learned_table(result: dict) -> str:
+    pct = round(100 * result["level"])
+    lines = ["What the models learned (from each run's over_training.json; n = runs with a value):", "",
+             f"| metric | variant | n | mean ± std | Δ vs {result['baseline']} [{pct}% CI, Welch] | exceeds noise | "
+             f"paired Δ [{pct}% CI] |", "|---|---|---|---|---|---|---|"]
+    for metric, m in result["learned"].items():
+        for name, v in m["variants"].items():
+            total = len(v["values"])
+            std = "n/a" if v["std"] is None else f"{v['std']:.3g}"
+            mean = "missing" if v["mean"] is None else f"{v['mean']:.4g} ± {std}"
+            row = [metric, name, f"{v['n']} of {total}", mean]
+            if name == result["baseline"]:
+                row += ["(baseline)", "", ""]
+            elif "welch" not in v:
+                row += ["missing", "n/a", "n/a"]
+            else:
+                row += [_interval(v["welch"]), _yes_no(v["welch"]["exceeds_noise"]),
+                        _interval(v["paired"]) if "paired" in v else "n/a"]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def learned_in_words(result: dict) -> str:
+    """Which differences in what the models learned exceed seed noise, in sentences."""
+    pct = round(100 * result["level"])
+    beyond, within, missing = [], [], []
+    for metric, m in result["learned"].items():
+        for name, v in m["variants"].items():
+            if name == result["baseline"]:
+                continue
+            w = v.get("welch")
+            if w is None:
+                missing.append(f"{name}: {m['label']}")
+            elif w["exceeds_noise"]:
+                word = "higher" if w["diff"] > 0 else "lower"
+                beyond.append(f"- {name}: {m['label']} is {word} than in {result['baseline']} by {abs(w['diff']):.4g} "
+                              f"({pct}% CI of the difference {w['low']:+.4g} to {w['high']:+.4g}): beyond seed noise.")
+            else:
+                within.append(f"{name} ({metric})")
+    lines = ["Differences beyond seed noise:", ""] + (beyond or ["- none."])
+    lines += ["", "Within seed noise (or too few seeds to tell): " + (", ".join(within) if within else "none") + "."]
+    if missing:
+        lines += ["", "Missing (not in the runs' over_training.json, or an induction head that never formed): "
+                  + "; ".join(missing) + "."]
+    return "\n".join(lines)
 
 
 def _interval(d: dict) -> str:
@@ -192,44 +360,70 @@ def write_report(result: dict, out: Path) -> Path:
     page.add_text(f"Final validation loss over seeds. Differences are variant minus {result['baseline']} (negative: "
                   f"the intervention lowers the loss); the interval is a {round(100 * result['level'])}% confidence "
                   "interval from Welch's t, and a difference exceeds seed-to-seed noise when it excludes 0. "
-                  "The paired difference uses the seeds a variant shares with the baseline.")
+                  "The paired difference uses the seeds a variant shares with the baseline. " + noise_text(result))
     header = ["variant", "seeds", "mean", "std", "Δ vs baseline", "CI low", "CI high", "exceeds noise", "paired Δ", "paired CI"]
     rows = []
     for name, v in result["variants"].items():
-        label = f"{name} (stacked: {' + '.join(v['stack'])})" if v["stack"] else name
         w, pr = v.get("welch"), v.get("paired")
-        rows.append([label, len(v["seeds"]), v["mean"], _na(v["std"]), _na(w and w["diff"]), _na(w and w["low"]),
+        rows.append([variant_label(name, v), seeds_text(v), v["mean"], _na(v["std"]), _na(w and w["diff"]), _na(w and w["low"]),
                      _na(w and w["high"]), _yes_no(w["exceeds_noise"]) if w else "(baseline)", _na(pr and pr["diff"]),
                      f"[{pr['low']:+.4f}, {pr['high']:+.4f}]" if pr and pr["low"] is not None else "n/a"])
     page.add_table(header, rows)
+    if result.get("left_out"):
+        add_lines(page, left_out_text(result))
     for key, title in (("val_loss", "Validation loss"), ("train_loss", "Training loss")):
         page.add_heading(title)
-        page.add_plotly(curves(result, key, title))
+        series = {name: [{row["step"]: (row["tokens_seen"], row[key]) for row in read_metrics(Path(r))
+                          if row.get(key) is not None} for r in v["runs"]] for name, v in result["variants"].items()}
+        page.add_plotly(band_figure(series, title, "loss"))
+    if "learned" in result:
+        page.add_heading("What the models learned")
+        add_lines(page, learned_in_words(result))
+        rows = []
+        for metric, m in result["learned"].items():
+            for name, v in m["variants"].items():
+                w, pr = v.get("welch"), v.get("paired")
+                rows.append([metric, name, f"{v['n']} of {len(v['values'])}", _na(v["mean"]), _na(v["std"]),
+                             _na(w and w["diff"]), _na(w and w["low"]), _na(w and w["high"]),
+                             "(baseline)" if name == result["baseline"] else _yes_no(w and w["exceeds_noise"]),
+                             _na(pr and pr["diff"])])
+        page.add_table(["metric", "variant", "n", "mean", "std", "Δ vs baseline", "CI low", "CI high", "exceeds noise",
+                        "paired Δ"], rows)
+        for metric, series in result["learned_curves"].items():
+            title = learned.CURVES[metric][0]
+            page.add_heading(title)
+            page.add_plotly(band_figure({v: [{int(k): tuple(x) for k, x in run.items()} for run in runs]
+                                         for v, runs in series.items()}, title, metric))
     return page.save(out)
 
 
-def curves(result: dict, key: str, title: str) -> go.Figure:
-    """Mean over seeds per variant, with a band from the lowest to the highest seed."""
+def add_lines(page: Page, text: str) -> None:
+    for line in text.splitlines():
+        if line.strip():
+            page.add_text(line)
+
+
+def band_figure(series: dict[str, list[dict[int, tuple]]], title: str, ylabel: str) -> go.Figure:
+    """Per variant, the mean over its runs with a band from the lowest to the highest run,
+    at the steps every run has; ``series[variant][run][step] = (tokens seen, value)``. Runs
+    without the metric are left out of their variant's curve, and its legend says so."""
     fig = go.Figure()
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-    for i, (name, v) in enumerate(result["variants"].items()):
-        by_step: dict[int, list[float]] = {}
-        tokens = {}
-        for run in v["runs"]:
-            for row in read_metrics(Path(run)):
-                if row.get(key) is not None:
-                    by_step.setdefault(row["step"], []).append(row[key])
-                    tokens[row["step"]] = row["tokens_seen"]
-        steps = sorted(s for s, values in by_step.items() if len(values) == len(v["runs"]))
-        x = [tokens[s] for s in steps]
+    for i, (name, all_runs) in enumerate(series.items()):
+        runs = [run for run in all_runs if run]
+        if len(runs) < len(all_runs):
+            name = f"{name} ({len(runs)} of {len(all_runs)} runs have it)"
+        steps = sorted(set.intersection(*(set(run) for run in runs))) if runs else []
+        x = [runs[0][s][0] for s in steps]
+        values = [[run[s][1] for run in runs] for s in steps]
         color = colors[i % len(colors)]
-        low, high = [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps]
+        low, high = [min(v) for v in values], [max(v) for v in values]
         fig.add_trace(go.Scatter(x=x + x[::-1], y=high + low[::-1], fill="toself", line={"width": 0}, opacity=0.2,
                                  fillcolor=color, hoverinfo="skip", showlegend=False, legendgroup=name))
-        fig.add_trace(go.Scatter(x=x, y=[statistics.fmean(by_step[s]) for s in steps], mode="lines", name=name,
+        fig.add_trace(go.Scatter(x=x, y=[statistics.fmean(v) for v in values], mode="lines", name=name,
                                  line={"color": color}, legendgroup=name))
     fig.update_layout(title=f"{title}: mean over seeds, band from lowest to highest seed", xaxis_title="tokens seen",
-                      yaxis_title="loss", height=500)
+                      yaxis_title=ylabel, height=500)
     return fig
 
 
@@ -239,13 +433,17 @@ def _na(value):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m analyses.compare_runs",
-                                description="Final validation loss per variant over seeds, differences from the baseline "
-                                            "with confidence intervals, and loss curves with seed bands.")
+                                description="Final validation loss and what the models learned (over_training) per variant "
+                                            "over seeds, differences from the baseline with confidence intervals, and "
+                                            "curves with seed bands.")
     p.add_argument("runs", nargs="+", help="a study directory (from training.study), or run directories (baseline first)")
     p.add_argument("--out", default=None, help="directory for comparison.md/.json/.html "
                                                "(default: the study directory, else ./comparison)")
+    p.add_argument("--over-training", default="compute", choices=["compute", "read", "off"],
+                   help="what the models learned: compute over_training.json where missing (default), only read "
+                        "what is there, or compare losses only")
     args = p.parse_args(argv)
-    result = compare(args.runs)
+    result = compare(args.runs, over_training=args.over_training != "off", compute=args.over_training == "compute")
     is_study = len(args.runs) == 1 and rundir.read_study(args.runs[0]) is not None
     out = cli.out_dir(args.out or (args.runs[0] if is_study else "comparison"))
     table = markdown_table(result)

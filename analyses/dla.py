@@ -38,7 +38,9 @@ def component_stack(model, cache) -> tuple[Float[Tensor, "component batch pos d_
     if not model.cfg.attn_only:
         parts.append(torch.stack([cache["mlp_out", l] for l in range(L)]))
         names += [f"L{l}MLP" for l in range(L)]
-    parts.append(torch.stack([cache["embed"], cache["pos_embed"]]))
+    # A rotary model's positions act inside attention: they write nothing here.
+    pos_embed = cache["pos_embed"] if "hook_pos_embed" in cache.cache_dict else torch.zeros_like(cache["embed"])
+    parts.append(torch.stack([cache["embed"], pos_embed]))
     names += ["embed", "pos_embed"]
     bias = torch.stack([model.blocks[l].attn.b_O.detach() for l in range(L)]).sum(0)
     parts.append(bias.expand_as(cache["embed"])[None])
@@ -56,6 +58,7 @@ def direct_logit_attribution(
 
     >>> result = direct_logit_attribution(model, model.to_tokens("The capital of France is"), " Paris")
     >>> result.heads.shape  # [n_layers n_heads]
+    torch.Size([2, 4])
     """
     tokens = model.check_tokens(tokens)
     answer_id = single_token(model, answer)
@@ -66,7 +69,8 @@ def direct_logit_attribution(
     # logit_attrs applies the final layer norm itself (the cached scale at ``pos``).
     attrs = cache.logit_attrs(stack[:, :, pos], answer_id, wrong_id, pos_slice=pos).mean(-1).cpu()  # [component]
     direction = model.W_U[:, answer_id] - (model.W_U[:, wrong_id] if wrong_id is not None else 0)
-    ln_bias = float(model.ln_final.bias.detach() @ direction.detach())
+    ln_final_bias = getattr(model.ln_final, "bias", None)  # RMSNorm has none
+    ln_bias = 0.0 if ln_final_bias is None else float(ln_final_bias.detach() @ direction.detach())
     L, H = model.cfg.n_layers, model.cfg.n_heads
     by_label = dict(zip(labels, attrs.tolist()))
     mlps = None if model.cfg.attn_only else torch.tensor([by_label[f"L{l}MLP"] for l in range(L)])

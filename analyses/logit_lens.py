@@ -61,7 +61,8 @@ def logit_lens(model, tokens: Int[Tensor, "batch pos"], site: str = "post", top_
     """The logit lens at ``site`` ("pre", "mid", "post" or "all") of every layer.
 
     >>> result = logit_lens(model, model.to_tokens("The cat sat on the"))
-    >>> result.loss  # [n_layers]: next-token loss read off each layer
+    >>> result.loss.shape  # [n_layers]: next-token loss read off each layer
+    torch.Size([2])
     """
     tokens = model.check_tokens(tokens)
     if cache is None:
@@ -85,7 +86,8 @@ def logit_lens(model, tokens: Int[Tensor, "batch pos"], site: str = "post", top_
 def per_layer_loss(model, tokens: Int[Tensor, "batch pos"], site: str = "post") -> Float[Tensor, "layer"]:
     """Next-token loss read off each layer's residual stream (the last equals the model's loss).
 
-    >>> per_layer_loss(model, tokens)
+    >>> per_layer_loss(model, tokens).shape
+    torch.Size([2])
     """
     return logit_lens(model, tokens, site=site, top_k=1).loss
 

@@ -21,7 +21,7 @@ each metric under a hash of its options: a re-run computes only what it has not 
     python -m analyses.over_training runs/demo --metrics icl,heads,ablation
 
 >>> results = over_training("runs/demo")                                  # doctest: +SKIP
->>> results["crossing"]  # first checkpoint whose best induction score >= 0.5, or None
+>>> results["crossing"]  # first checkpoint whose best induction score >= 0.5, or None  # doctest: +SKIP
 """
 
 import argparse

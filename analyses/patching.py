@@ -154,7 +154,7 @@ def baseline(model, clean: Tensor, corrupted: Tensor, metric: Metric, clean_cach
 def patch_effect(model, clean, corrupted, metric: Metric, patches: list[Patch], base: Baseline | None = None) -> float:
     """The normalised metric with ``patches`` applied together (an empty list gives 0.0).
 
-    >>> patch_effect(model, clean, corrupted, metric, [Patch("blocks.0.hook_resid_pre")])
+    >>> round(patch_effect(model, clean, corrupted, metric, [Patch("blocks.0.hook_resid_pre")]), 4)
     1.0
     """
     base = base or baseline(model, clean, corrupted, metric)
@@ -173,8 +173,9 @@ def activation_patching(
 
     ``metric`` defaults to ``logit_diff(answer, wrong)`` at the last position.
 
-    >>> results = activation_patching(model, clean, corrupted, answer=" Mary", wrong=" John")
+    >>> results = activation_patching(model, clean, corrupted, answer=" Mary", wrong=" John", kinds=["resid_pre", "q"])
     >>> results["resid_pre"].shape  # [n_layers n_pos]
+    torch.Size([2, 15])
     """
     metric = _resolve_metric(model, metric, answer, wrong)
     base = baseline(model, clean, corrupted, metric, clean_cache)

@@ -11,11 +11,15 @@
    on this model at batch 1 and 4, and on the demo preset's shape. The demo's 2-layer
    d_model 128 model over at most 256 positions costs little more to recompute than its
    50257-row unembedding, which both ways pay once per token: no cache can be 5x there.
+5. Architecture variants: inference forward of each (rotary, RMSNorm, SwiGLU at about
+   the same parameters, QK-norm, no biases, and the llama-style combination) beside
+   GPT-2's, on the shape of 1-3. GPT-2's own speed is what 1 and 2 pin.
 
-Run: python benchmarks/bench_model.py [--repeats N] [--threads N] [--only 1 2 3 4]
+Run: python benchmarks/bench_model.py [--repeats N] [--threads N] [--only 1 2 3 4 5]
 """
 
 import argparse
+import dataclasses
 import math
 import subprocess
 import sys
@@ -74,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median taken)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--only", type=int, nargs="+", choices=[1, 2, 3, 4], help="run only these measurements")
+    parser.add_argument("--only", type=int, nargs="+", choices=[1, 2, 3, 4, 5], help="run only these measurements")
     parser.add_argument("--memory-probe", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -92,7 +96,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {cfg.n_layers} layers, "
           f"d_model {cfg.d_model}, {model.n_params() / 1e6:.1f}M params; batch 4 x 256 tokens, fp32 CPU\n")
 
-    only = set(args.only or [1, 2, 3, 4])
+    only = set(args.only or [1, 2, 3, 4, 5])
     # 1. Idle hooks, training step.
     ref = RefGPT2(cfg)
     ref.load_state_dict(model.state_dict())
@@ -134,6 +138,9 @@ def main() -> None:
               f"   memory (fresh process): peak RSS growth {peak / 2**20:.0f} MiB for {cached / 2**20:.0f} MiB "
               f"of cached activations and logits ({peak / cached:.2f}x)")
 
+    if 5 in only:
+        measure_variants(cfg, x, args.repeats)
+
     # 4. Greedy generation, on this model (batch 1 and 4) and on the demo's shape, where
     # the per-step overhead around the matrix products matters more.
     if 4 not in only:
@@ -147,6 +154,28 @@ def main() -> None:
     demo.save_hf(demo_dir)
     demo_hf = transformers.GPT2LMHeadModel.from_pretrained(demo_dir).eval()
     measure_generation("demo preset (2 layers, d_model 128), batch 1", demo, demo_hf, tokens[:1, :16], args.repeats)
+
+
+VARIANTS = {
+    "rotary": dict(positional="rotary"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "swiglu": dict(mlp="swiglu", d_mlp=1368),  # about 8/3 d_model: GPT-2's MLP parameters
+    "qk_norm": dict(qk_norm=True),
+    "no_biases": dict(qkv_bias=False, attn_bias=False, mlp_bias=False),
+    "llama-style": dict(positional="rotary", norm="rmsnorm", mlp="swiglu", d_mlp=1368, qkv_bias=False,
+                        attn_bias=False, mlp_bias=False, tie_embeddings=False),
+}
+
+
+def measure_variants(cfg: GPT2Config, x: torch.Tensor, repeats: int) -> None:
+    models = {"gpt2": HookedGPT2(cfg).eval()}
+    models |= {name: HookedGPT2(dataclasses.replace(cfg, **kw)).eval() for name, kw in VARIANTS.items()}
+    with torch.inference_mode():
+        times = interleaved_times({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats)
+    t = medians(times)
+    print("5. inference forward of each architecture variant, no hooks (median ratio to GPT-2 within a round):")
+    for name in models:
+        print(f"   {name:>12}: {t[name] * 1e3:.0f} ms, {paired_ratio(times[name], times['gpt2']):.3f}x GPT-2's time")
 
 
 def measure_generation(label: str, model: HookedGPT2, hf, prompt: torch.Tensor, repeats: int) -> None:

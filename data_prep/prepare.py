@@ -96,7 +96,7 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
     file, directory or glob of ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files.
     Raises DataPrepError for anything the user can fix.
 
-    >>> out = prepare("python-stdlib", "/tmp/stdlib-demo", max_tokens=50_000,
+    >>> out = prepare("python-stdlib", tmp_path / "stdlib-demo", max_tokens=50_000,
     ...               val_tokens=5_000, progress=False, log=lambda *a: None)
     >>> sorted(p.name for p in out.iterdir())
     ['manifest.json', 'train_000000.bin', 'val_000000.bin']
@@ -144,7 +144,7 @@ def ensure_default_data(out: str | Path = "data/python-stdlib", **kwargs) -> Pat
     Under DDP, call it on one rank and wait at a barrier: two processes preparing the
     same directory at once would race on its temporary files.
 
-    >>> data_dir = ensure_default_data("/tmp/stdlib-demo", max_tokens=50_000, val_tokens=5_000,
+    >>> data_dir = ensure_default_data(tmp_path / "stdlib-demo", max_tokens=50_000, val_tokens=5_000,
     ...                                progress=False, log=lambda *a: None)
     """
     return prepare("python-stdlib", out, **kwargs)

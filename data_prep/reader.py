@@ -9,6 +9,12 @@ A split is one token stream, its shards concatenated in order. Batches walk it a
 llm.c and nanoGPT: each step, rank r reads ``batch_size * seq_len + 1`` tokens starting
 ``r * batch_size * seq_len`` past a shared position, which then advances by
 ``batch_size * seq_len * world_size``; ranks never overlap and leave no gaps.
+
+With an ``order_seed`` the loader reads the same sequences in a shuffled order instead:
+the split is cut into ``(n_tokens - 1) // seq_len`` sequences of ``seq_len + 1`` tokens,
+each epoch visits them in a permutation drawn from ``(order_seed, epoch)``, and the saved
+position is the same as for the sequential order, so a resumed run continues exactly.
+This is the data-order noise of a study, separate from the initialisation seed.
 """
 
 import bisect
@@ -122,10 +128,15 @@ class BatchLoader:
     one batch of 2B rows equals two consecutive batches of B rows, and equals rank 0's
     B rows over rank 1's with ``world_size=2``. When the next step would run past the
     end of the stream, every rank wraps to the start together and ``epoch`` counts up.
+
+    With ``order_seed`` set, row i is sequence ``perm[pos // seq_len + i]`` of the epoch's
+    permutation (the same composition rules hold, over the permuted sequences).
+
+    >>> loader = BatchLoader(ds, 8, 256, order_seed=5)     # doctest: +SKIP
     """
 
     def __init__(self, dataset: TokenDataset, batch_size: int, seq_len: int, *,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False, order_seed: int | None = None):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
@@ -135,6 +146,8 @@ class BatchLoader:
         self.pin_memory = pin_memory  # page-locked batches, so a copy to the GPU with non_blocking=True is asynchronous
         self.tokens_per_rank = batch_size * seq_len
         self.step_tokens = self.tokens_per_rank * world_size
+        self.order_seed = order_seed
+        self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its order), drawn once per epoch
         if dataset.n_tokens < self.step_tokens + 1:
             raise ShardError(
                 f"{dataset.data_dir} {dataset.split!r} split has {dataset.n_tokens} tokens, fewer than the "
@@ -151,21 +164,38 @@ class BatchLoader:
         if self.pos + self.step_tokens + 1 > self.dataset.n_tokens:
             self.pos, self.epoch = 0, self.epoch + 1
         start = self.pos + self.rank * self.tokens_per_rank
-        flat = torch.from_numpy(self.dataset.read(start, self.tokens_per_rank + 1))
+        if self.order_seed is None:
+            flat = torch.from_numpy(self.dataset.read(start, self.tokens_per_rank + 1))
+            # Windows of seq_len + 1 that overlap by one token: row i's last token is row i+1's first.
+            windows = flat.unfold(0, self.seq_len + 1, self.seq_len)
+        else:
+            first = start // self.seq_len
+            rows = self.permutation()[first : first + self.batch_size]
+            windows = torch.from_numpy(np.stack([self.dataset.read(int(r) * self.seq_len, self.seq_len + 1) for r in rows]))
         self.pos += self.step_tokens
-        # Windows of seq_len + 1 that overlap by one token: row i's last token is row i+1's first.
-        windows = flat.unfold(0, self.seq_len + 1, self.seq_len)
         # A fresh buffer per batch: the previous one may still be copying to the GPU.
         return torch.empty(windows.shape, dtype=windows.dtype, pin_memory=self.pin_memory).copy_(windows)
 
+    def permutation(self) -> np.ndarray:
+        """This epoch's order of the split's sequences (for ``order_seed`` set)."""
+        if self._permutation is None or self._permutation[0] != self.epoch:
+            n_sequences = (self.dataset.n_tokens - 1) // self.seq_len
+            rng = np.random.default_rng([self.order_seed, self.epoch])
+            self._permutation = (self.epoch, rng.permutation(n_sequences))
+        return self._permutation[1]
+
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "epoch": self.epoch, "n_tokens": self.dataset.n_tokens}
+        state = {"pos": self.pos, "epoch": self.epoch, "n_tokens": self.dataset.n_tokens}
+        return state if self.order_seed is None else {**state, "order_seed": self.order_seed}
 
     def load_state_dict(self, state: dict) -> None:
         if state["n_tokens"] != self.dataset.n_tokens:
             raise ShardError(f"the saved loader position is for a stream of {state['n_tokens']} tokens, "
                              f"but {self.dataset.data_dir} {self.dataset.split!r} has {self.dataset.n_tokens}; "
                              "resume with the data the run started with")
+        if state.get("order_seed") != self.order_seed:
+            raise ShardError(f"the saved loader position is for data order seed {state.get('order_seed')}, this run "
+                             f"reads with {self.order_seed}; resume with the data order the run started with")
         if not 0 <= state["pos"] <= self.dataset.n_tokens:
             raise ValueError(f"saved position {state['pos']} is outside the stream of {self.dataset.n_tokens} tokens")
         self.pos, self.epoch = int(state["pos"]), int(state["epoch"])

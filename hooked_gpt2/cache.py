@@ -15,9 +15,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .components import RMSNorm
+
 BLOCK_HOOKS = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
-ATTN_HOOKS = {"q", "k", "v", "z", "attn_scores", "pattern", "result"}
-MLP_HOOKS = {"pre", "post"}
+ATTN_HOOKS = {"q", "k", "v", "z", "attn_scores", "pattern", "result", "rot_q", "rot_k"}
+MLP_HOOKS = {"pre", "post", "pre_linear"}
 LN_HOOKS = {"scale", "normalized"}
 ALIASES = {"attn": "pattern", "scores": "attn_scores"}
 SHORT_NAMES = {"embed", "pos_embed"} | BLOCK_HOOKS | ATTN_HOOKS | MLP_HOOKS | LN_HOOKS | set(ALIASES)
@@ -191,9 +193,9 @@ class ActivationCache:
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
         components, labels = [], []
-        if incl_embeds:
-            components += [self["embed"], self["pos_embed"]]
-            labels += ["embed", "pos_embed"]
+        if incl_embeds:  # rotary models have no pos_embed: positions act inside attention
+            labels += [name for name in ("embed", "pos_embed") if f"hook_{name}" in self.cache_dict]
+            components += [self[name] for name in labels]
         for l in range(layer + (1 if mlp_input and layer < self.n_layers else 0)):
             if mode in ("all", "attn"):
                 components.append(self["attn_out", l])
@@ -266,7 +268,9 @@ class ActivationCache:
         if self.has_batch_dim and not has_batch_dim:
             scale = scale[0]
         scale = slice_pos(scale, pos_slice, self._pos_dim(has_batch_dim and self.has_batch_dim))
-        centred = residual_stack - residual_stack.mean(-1, keepdim=True)
+        centred = residual_stack  # RMSNorm does not centre
+        if not isinstance(ln, RMSNorm):
+            centred = residual_stack - residual_stack.mean(-1, keepdim=True)
         return centred / scale * ln.weight.detach().to(scale.device)
 
     def logit_attrs(

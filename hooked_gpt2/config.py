@@ -10,6 +10,16 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a GPT-2; the message says which field and why."""
 
 
+# The fields that, together, turn GPT-2 into the Llama architecture (Hugging Face's
+# LlamaForCausalLM, which hooked_gpt2/llama_interop.py imports and exports).
+LLAMA_ARCHITECTURE = dict(
+    positional="rotary", norm="rmsnorm", mlp="swiglu", qkv_bias=False, attn_bias=False, mlp_bias=False,
+    tie_embeddings=False,
+)
+POSITIONALS = ("learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
 # Named shapes. gpt2-small is OpenAI's 124M model (tied embeddings, biases everywhere);
 # gpt2-small-untied is the reference study's 163M baseline (untied, no QKV bias).
 PRESETS: dict[str, dict] = {
@@ -28,6 +38,12 @@ PRESETS: dict[str, dict] = {
     "demo": dict(n_layers=2, d_model=128, n_heads=4, n_ctx=256),
     "tiny": dict(n_layers=2, d_model=128, n_heads=4, n_ctx=128),
     "attn-only-2l": dict(n_layers=2, d_model=256, n_heads=8, n_ctx=256, attn_only=True),
+    # The demo's shape with the Llama architecture: RMSNorm, rotary positions, SwiGLU, no
+    # biases, untied embeddings. d_mlp 344 (about 8/3 d_model, as Llama) gives SwiGLU's
+    # three matrices the parameters of GPT-2's two at 4 d_model.
+    "llama-style": dict(
+        n_layers=2, d_model=128, n_heads=4, n_ctx=256, d_mlp=344, **LLAMA_ARCHITECTURE
+    ),
 }
 
 
@@ -54,12 +70,23 @@ class GPT2Config:
     tie_embeddings: bool = True
     attn_only: bool = False
     init_std: float = 0.02
+    # Architecture variants; the defaults are GPT-2's, so an old config.json loads as GPT-2.
+    positional: str = "learned"  # learned absolute embeddings, or rotary (RoPE) inside attention
+    rotary_base: float = 10000.0
+    rotary_dim: int | None = None  # dimensions of each head rotated; defaults to d_head with rotary
+    norm: str = "layernorm"  # or rmsnorm (no centring, no bias)
+    mlp: str = "gelu"  # or swiglu: silu(x W_gate) * (x W_in), d_mlp its hidden width
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before the dot product
+    attn_bias: bool = True  # bias of the attention output projection (QKV's is qkv_bias)
+    mlp_bias: bool = True  # biases of the MLP's linear layers
 
     def __post_init__(self):
         if self.d_head is None and isinstance(self.n_heads, int) and self.n_heads > 0:
             self.d_head = self.d_model // self.n_heads
         if self.d_mlp is None and isinstance(self.d_model, int):
             self.d_mlp = 4 * self.d_model
+        if self.rotary_dim is None and self.positional == "rotary":
+            self.rotary_dim = self.d_head
         self.validate()
 
     def validate(self) -> None:
@@ -78,6 +105,15 @@ class GPT2Config:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        for name, choices in (("positional", POSITIONALS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.positional == "rotary":
+            dim = self.rotary_dim
+            if not (isinstance(dim, int) and not isinstance(dim, bool) and 0 < dim <= self.d_head and dim % 2 == 0):
+                raise ConfigError(f"rotary_dim must be an even integer in [2, d_head={self.d_head}], got {dim!r}")
+            if not self.rotary_base > 1:
+                raise ConfigError(f"rotary_base must be greater than 1, got {self.rotary_base!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
@@ -107,13 +143,16 @@ class GPT2Config:
     def n_params(self, embeddings: bool = True) -> int:
         """Parameter count; ``embeddings=False`` leaves out token and position embeddings
         and the unembedding (the count Chinchilla-style scaling laws use)."""
-        d, h, dh = self.d_model, self.n_heads, self.d_head
-        attn = d * 3 * h * dh + (3 * h * dh if self.qkv_bias else 0) + h * dh * d + d
-        mlp = 0 if self.attn_only else d * self.d_mlp + self.d_mlp + self.d_mlp * d + d
-        lns = 2 * d * (1 if self.attn_only else 2)
-        body = self.n_layers * (attn + mlp + lns) + 2 * d
+        d, h, dh, m = self.d_model, self.n_heads, self.d_head, self.d_mlp
+        norm = d if self.norm == "rmsnorm" else 2 * d
+        attn = d * 3 * h * dh + (3 * h * dh if self.qkv_bias else 0) + h * dh * d + (d if self.attn_bias else 0)
+        attn += 2 * dh if self.qk_norm else 0
+        matrices = 3 if self.mlp == "swiglu" else 2
+        mlp_biases = (matrices - 1) * m + d if self.mlp_bias else 0
+        mlp = 0 if self.attn_only else matrices * d * m + mlp_biases
+        body = self.n_layers * (attn + mlp + norm * (1 if self.attn_only else 2)) + norm
         if not embeddings:
             return body
-        embed = self.d_vocab * d + self.n_ctx * d
+        embed = self.d_vocab * d + (self.n_ctx * d if self.positional == "learned" else 0)
         unembed = 0 if self.tie_embeddings else self.d_vocab * d
         return body + embed + unembed

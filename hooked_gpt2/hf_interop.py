@@ -6,6 +6,8 @@ the same (q|k|v, head, d_head) order. Exports load with plain
 ``GPT2LMHeadModel.from_pretrained(dir)``; variants GPT-2 lacks are written as exact
 equivalents (a missing QKV bias as zeros, an attention-only model's MLPs as zero maps)
 and recorded under ``"hooked_gpt2"`` in config.json so that ``from_hf`` restores them.
+Llama-architecture models (``LlamaForCausalLM``) go through ``llama_interop`` instead:
+``from_hf`` and ``save_hf`` choose by the config's ``model_type`` / the model's architecture.
 """
 
 import json
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import llama_interop
 from .checkpoint import (
     CheckpointError, atomic_save_safetensors, atomic_write, load_state_into, load_weights, read_json,
 )
@@ -38,6 +41,9 @@ BLOCK_MAP = [
     ("mlp.fc_out.weight", "mlp.c_proj.weight", True),
     ("mlp.fc_out.bias", "mlp.c_proj.bias", False),
 ]
+# The config flag each optional bias follows (GPT-2 always has them; exports write zeros).
+BIAS_FLAGS = {"attn.qkv.bias": "qkv_bias", "attn.out.bias": "attn_bias", "mlp.fc_in.bias": "mlp_bias",
+              "mlp.fc_out.bias": "mlp_bias"}
 TOP_MAP = [
     ("embed.weight", "wte.weight"),
     ("pos_embed.weight", "wpe.weight"),
@@ -47,8 +53,6 @@ TOP_MAP = [
 
 
 def config_from_hf(hf: dict, source) -> GPT2Config:
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise CheckpointError(f"{source} is a {hf.get('model_type')!r} model, not GPT-2")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if hf.get(flag):
             raise CheckpointError(f"{source} sets {flag}, a GPT-2 variant HookedGPT2 does not implement")
@@ -73,6 +77,8 @@ def config_from_hf(hf: dict, source) -> GPT2Config:
             qkv_bias=extras.get("qkv_bias", True),
             tie_embeddings=hf.get("tie_word_embeddings", True),
             attn_only=extras.get("attn_only", False),
+            attn_bias=extras.get("attn_bias", True),
+            mlp_bias=extras.get("mlp_bias", True),
         )
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
@@ -86,10 +92,10 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[st
             state[ours] = hf_state[theirs]
     for i in range(cfg.n_layers):
         for ours, theirs, transpose in BLOCK_MAP:
+            if ours in BIAS_FLAGS and not getattr(cfg, BIAS_FLAGS[ours]):
+                continue
             ours, theirs = f"blocks.{i}.{ours}", f"h.{i}.{theirs}"
             if cfg.attn_only and (".ln2." in ours or ".mlp." in ours):
-                continue
-            if ours.endswith("qkv.bias") and not cfg.qkv_bias:
                 continue
             if theirs in hf_state:
                 tensor = hf_state[theirs]
@@ -99,18 +105,33 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[st
     return state
 
 
+def hf_format(hf_config: dict, source):
+    """The (config_from_hf, state_from_hf) pair for a Hugging Face config's model_type."""
+    formats = {
+        "gpt2": (config_from_hf, state_from_hf),
+        "llama": (llama_interop.config_from_hf, llama_interop.state_from_hf),
+    }
+    model_type = hf_config.get("model_type", "gpt2")
+    if model_type not in formats:
+        raise CheckpointError(f"{source} is a {model_type!r} model; HookedGPT2 loads {' and '.join(formats)}")
+    return formats[model_type]
+
+
 def from_hf(cls, dir_or_model, device=None, dtype=None):
     if isinstance(dir_or_model, (str, Path)):
         path = Path(dir_or_model)
         hf_config = read_json(path / "config.json", missing=f"{path} is not a Hugging Face model directory")
-        cfg = config_from_hf(hf_config, path)
+        read_config, read_state = hf_format(hf_config, path)
+        cfg = read_config(hf_config, path)
         hf_state, source = read_hf_weights(path), path
     else:
         source = type(dir_or_model).__name__
-        cfg = config_from_hf(dir_or_model.config.to_dict(), source)
+        hf_config = dir_or_model.config.to_dict()
+        read_config, read_state = hf_format(hf_config, source)
+        cfg = read_config(hf_config, source)
         hf_state = dir_or_model.state_dict()
     model = cls(cfg)
-    load_state_into(model, state_from_hf(hf_state, cfg), source)
+    load_state_into(model, read_state(hf_state, cfg), source)
     if cfg.tie_embeddings:
         model.unembed.weight = model.embed.weight
     model.eval()
@@ -157,7 +178,10 @@ def hf_config_dict(cfg: GPT2Config) -> dict:
         "bos_token_id": EOT_TOKEN,
         "eos_token_id": EOT_TOKEN,
         "initializer_range": cfg.init_std,
-        "hooked_gpt2": {"qkv_bias": cfg.qkv_bias, "attn_only": cfg.attn_only, "d_mlp": cfg.d_mlp},
+        "hooked_gpt2": {
+            "qkv_bias": cfg.qkv_bias, "attn_only": cfg.attn_only, "d_mlp": cfg.d_mlp,
+            "attn_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias,
+        },
     }
 
 
@@ -170,11 +194,16 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
             mine, theirs = f"blocks.{i}.{mine}", f"transformer.h.{i}.{theirs}"
             if mine in ours:
                 out[theirs] = ours[mine].T if transpose else ours[mine]
-        # Exact stand-ins for parts GPT-2 always has: zero QKV bias, and for an
+        # Exact stand-ins for parts GPT-2 always has: zero biases, and for an
         # attention-only model an MLP that adds zero (gelu(0) = 0, zero output weights).
-        zeros = ours[f"blocks.{i}.attn.out.bias"].new_zeros
+        zeros = ours[f"blocks.{i}.attn.qkv.weight"].new_zeros
         if not cfg.qkv_bias:
             out[f"transformer.h.{i}.attn.c_attn.bias"] = zeros(3 * cfg.n_heads * cfg.d_head)
+        if not cfg.attn_bias:
+            out[f"transformer.h.{i}.attn.c_proj.bias"] = zeros(cfg.d_model)
+        if not cfg.mlp_bias and not cfg.attn_only:
+            out[f"transformer.h.{i}.mlp.c_fc.bias"] = zeros(cfg.d_mlp)
+            out[f"transformer.h.{i}.mlp.c_proj.bias"] = zeros(cfg.d_model)
         if cfg.attn_only:
             out[f"transformer.h.{i}.ln_2.weight"] = zeros(cfg.d_model) + 1
             out[f"transformer.h.{i}.ln_2.bias"] = zeros(cfg.d_model)
@@ -187,16 +216,33 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def gpt2_export_problems(cfg: GPT2Config) -> list[str]:
+    """Why ``cfg`` has no exact GPT2LMHeadModel equivalent (empty if it has one)."""
+    gpt2 = GPT2Config()
+    problems = [f"{name}={getattr(cfg, name)!r} (GPT-2: {getattr(gpt2, name)!r})"
+                for name in ("positional", "norm", "mlp", "qk_norm") if getattr(cfg, name) != getattr(gpt2, name)]
+    if cfg.n_heads * cfg.d_head != cfg.d_model:
+        problems.append(f"n_heads * d_head = {cfg.n_heads} * {cfg.d_head} != d_model {cfg.d_model}")
+    return problems
+
+
 def save_hf(model, path, source=None) -> Path:
     cfg = model.cfg
-    if cfg.n_heads * cfg.d_head != cfg.d_model:
+    gpt2_problems, llama_problems = gpt2_export_problems(cfg), llama_interop.export_problems(cfg)
+    if not gpt2_problems:
+        state, hf_config = hf_state_dict(model), hf_config_dict(cfg)
+    elif not llama_problems:
+        state, hf_config = llama_interop.hf_state_dict(model), llama_interop.hf_config_dict(cfg)
+    else:
         raise ConfigError(
-            f"Hugging Face GPT-2 needs n_heads * d_head == d_model, got {cfg.n_heads} * {cfg.d_head} != {cfg.d_model}"
+            "this architecture has no exact Hugging Face equivalent: as GPT-2 it has "
+            f"{', '.join(gpt2_problems)}; as Llama it has {', '.join(llama_problems)}. "
+            "Save it with save_pretrained instead"
         )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(hf_state_dict(model), path / "model.safetensors", {"format": "pt"})
-    atomic_write(path / "config.json", json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    atomic_save_safetensors(state, path / "model.safetensors", {"format": "pt"})
+    atomic_write(path / "config.json", json.dumps(hf_config, indent=2) + "\n")
     generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
     atomic_write(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     if cfg.d_vocab == D_VOCAB:

@@ -108,8 +108,11 @@ class HookedRootModule(nn.Module):
     ) -> Iterator["HookedRootModule"]:
         """Attach hooks for the length of the block; they are removed even on error.
 
+        >>> def print_shape(activation, hook):
+        ...     print(hook.name, tuple(activation.shape))
         >>> with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", print_shape)]):
-        ...     model(tokens)
+        ...     logits = model(model.to_tokens("Hello world"))
+        blocks.0.hook_resid_post (1, 3, 128)
         """
         handles = []
         try:

@@ -4,6 +4,8 @@ Read top to bottom in the order the forward pass runs: layer norm, attention, ML
 block, model. With no hook attached the model runs the fast path (fused QKV projection,
 ``F.layer_norm``, ``F.scaled_dot_product_attention``); hooks on the attention internals or
 the layer-norm scale switch those modules to an explicit path computing the same function.
+Architecture variants (RMSNorm, rotary positions, QK-norm, SwiGLU; ``components.py``)
+are chosen once, when a block is built, from the config.
 """
 
 import math
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from . import checkpoint, hf_interop
 from .cache import ActivationCache
+from .components import RMSNorm, SwiGLU, bias_or_zeros, qk_transform
 from .config import GPT2Config
 from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
@@ -48,12 +51,14 @@ class Attention(nn.Module):
         # Q, K and V for all heads in one matrix: one matmul in training. Rows are ordered
         # (q|k|v, head, d_head), as in Hugging Face's c_attn; W_Q etc. are views into it.
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
-        self.out = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model)
+        self.out = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.attn_bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.hook_q = HookPoint()  # [batch pos head_index d_head]
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
+        # QK-norm and rotary positions, where configured, act on q and k here (components.py).
+        self.transform_qk = qk_transform(self, cfg)
         self.hook_attn_scores = HookPoint()  # [batch head_index query_pos key_pos]
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()  # [batch pos head_index d_head]
@@ -83,7 +88,7 @@ class Attention(nn.Module):
 
     @property
     def b_O(self) -> Float[Tensor, "d_model"]:
-        return self.out.bias
+        return bias_or_zeros(self.out)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], kv_cache=None, layer: int = 0):
         q, k, v = einops.rearrange(
@@ -92,12 +97,12 @@ class Attention(nn.Module):
             three=3,
             head=self.n_heads,
         )
+        past = kv_cache.length if kv_cache is not None else 0
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k = self.transform_qk(q, k, past)
         # SDPA and the KV cache both want [batch head pos d_head].
         q, k, v = (einops.rearrange(t, "batch pos head d_head -> batch head pos d_head") for t in (q, k, v))
-        past = 0
         if kv_cache is not None:
-            past = kv_cache.length
             k, v = kv_cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
@@ -114,7 +119,7 @@ class Attention(nn.Module):
                     z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"
                 )
             )
-            out = result.sum(-2) + self.out.bias
+            out = result.sum(-2) + self.b_O
         else:
             out = self.out(einops.rearrange(z, "batch pos head d_head -> batch pos (head d_head)"))
         return self.resid_dropout(out)
@@ -144,22 +149,27 @@ def _causal_mask(q: Tensor, k: Tensor, past: int) -> Tensor | None:
 class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.approximate = "tanh" if cfg.act_fn == "gelu_new" else "none"
         self.dropout = nn.Dropout(cfg.dropout)
         self.hook_pre = HookPoint()  # [batch pos d_mlp]
         self.hook_post = HookPoint()
 
     W_in = property(lambda self: self.fc_in.weight.T)  # [d_model d_mlp]
-    b_in = property(lambda self: self.fc_in.bias)
+    b_in = property(lambda self: bias_or_zeros(self.fc_in))
     W_out = property(lambda self: self.fc_out.weight.T)  # [d_mlp d_model]
-    b_out = property(lambda self: self.fc_out.bias)
+    b_out = property(lambda self: bias_or_zeros(self.fc_out))
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(self.fc_in(x))
         post = self.hook_post(F.gelu(pre, approximate=self.approximate))
         return self.dropout(self.fc_out(post))
+
+
+# The components each architecture choice selects (GPT2Config.norm, GPT2Config.mlp).
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+MLPS = {"gelu": MLP, "swiglu": SwiGLU}
 
 
 class TransformerBlock(nn.Module):
@@ -169,13 +179,13 @@ class TransformerBlock(nn.Module):
         self.attn_only = cfg.attn_only
         # Attributes in forward order, so hook_names() lists hooks in the order they fire.
         self.hook_resid_pre = HookPoint()  # [batch pos d_model]
-        self.ln1 = LayerNorm(cfg)
+        self.ln1 = NORMS[cfg.norm](cfg)
         self.attn = Attention(cfg)
         self.hook_attn_out = HookPoint()
         if not cfg.attn_only:
             self.hook_resid_mid = HookPoint()
-            self.ln2 = LayerNorm(cfg)
-            self.mlp = MLP(cfg)
+            self.ln2 = NORMS[cfg.norm](cfg)
+            self.mlp = MLPS[cfg.mlp](cfg)
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
@@ -202,12 +212,15 @@ class HookedGPT2(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch pos d_model]
-        self.hook_pos_embed = HookPoint()
+        # Rotary positions act inside attention instead (components.RotaryEmbedding).
+        self.learned_positions = cfg.positional == "learned"
+        if self.learned_positions:
+            self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+            self.hook_pos_embed = HookPoint()
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = LayerNorm(cfg)
+        self.ln_final = NORMS[cfg.norm](cfg)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
@@ -237,13 +250,14 @@ class HookedGPT2(HookedRootModule):
         past = kv_cache.length if kv_cache is not None else 0
         # Ids that generation sampled over d_vocab are in range by construction: not read back.
         tokens = self.check_tokens(tokens, past=past, values=not (kv_cache is not None and kv_cache.ids_in_range))
-        positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
-        embed = self.hook_embed(self.embed(tokens))
-        pos_embed = self.pos_embed(positions).expand_as(embed)  # a view: no copy per batch row
-        if self.hook_pos_embed.has_hooks():
-            pos_embed = pos_embed.contiguous()  # so that hooks may edit it in place
-        pos_embed = self.hook_pos_embed(pos_embed)
-        resid = self.embed_dropout(embed + pos_embed)
+        resid = self.hook_embed(self.embed(tokens))
+        if self.learned_positions:
+            positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+            pos_embed = self.pos_embed(positions).expand_as(resid)  # a view: no copy per batch row
+            if self.hook_pos_embed.has_hooks():
+                pos_embed = pos_embed.contiguous()  # so that hooks may edit it in place
+            resid = resid + self.hook_pos_embed(pos_embed)
+        resid = self.embed_dropout(resid)
         for block in self.blocks:
             resid = block(resid, kv_cache)
         if kv_cache is not None:
@@ -443,7 +457,8 @@ class HookedGPT2(HookedRootModule):
         A string gives back a string (prompt and continuation); token ids ``[batch pos]``
         give back ``[batch pos + new]`` (fewer new if every row stopped at <|endoftext|>).
 
-        >>> model.generate("The meaning of life is", max_new_tokens=5, temperature=0)
+        >>> model.generate("The meaning of life is", max_new_tokens=5, temperature=0)  # doctest: +ELLIPSIS
+        'The meaning of life is...'
         """
         if isinstance(prompt_or_tokens, str):
             if not prompt_or_tokens:
@@ -460,17 +475,18 @@ class HookedGPT2(HookedRootModule):
     # Hugging Face interop.
     @classmethod
     def from_hf(cls, dir_or_model, device=None, dtype=None) -> "HookedGPT2":
-        """Load a Hugging Face ``GPT2LMHeadModel``: a ``save_pretrained`` directory (e.g.
-        OpenAI's GPT-2 weights already on disk) or a model object.
+        """Load a Hugging Face ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` (multi-head
+        attention): a ``save_pretrained`` directory (e.g. OpenAI's GPT-2 weights already
+        on disk) or a model object.
 
-        >>> model = HookedGPT2.from_hf("path/to/gpt2")
+        >>> model = HookedGPT2.from_hf("path/to/gpt2")  # doctest: +SKIP
         """
         return hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
 
     def save_hf(self, path, source=None) -> Path:
-        """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads as an
-        exactly equivalent model, with GPT-2's tokenizer files for ``pipeline`` and a
-        README.md model card from the run beside checkpoint ``source`` (default: the
-        directory this model was loaded from)."""
+        """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` (or, for
+        the Llama architecture, ``LlamaForCausalLM``) loads as an exactly equivalent model,
+        with GPT-2's tokenizer files for ``pipeline`` and a README.md model card from the run
+        beside checkpoint ``source`` (default: the directory this model was loaded from)."""
         return hf_interop.save_hf(self, path, source)
 

@@ -19,7 +19,8 @@ EVALUATION_FILE = "evaluation.json"  # written by analyses.evaluate beside a che
 
 # The choices the reference study varies, and GPT-2's own value of each (None: no default).
 ARCHITECTURE_CHOICES = [("dropout", 0.1), ("qkv_bias", True), ("tie_embeddings", True), ("act_fn", "gelu_new"),
-                        ("attn_only", False)]
+                        ("attn_only", False), ("positional", "learned"), ("norm", "layernorm"), ("mlp", "gelu"),
+                        ("qk_norm", False)]
 TRAINING_CHOICES = [("precision", None), ("lr", None), ("min_lr", None), ("schedule", None),
                     ("warmup_steps", None), ("weight_decay", None), ("grad_clip", None), ("seed", None)]
 

@@ -49,7 +49,8 @@ def shakespeare_txt() -> Path:
         path = root / "data" / "tinyshakespeare.txt"
         if path.is_file():
             return path
-    pytest.skip("tinyshakespeare.txt not found under ../shared/data or /work/shared/data")
+    pytest.fail("tinyshakespeare.txt not found under ../shared/data or /work/shared/data: the training and "
+                "data tests need it (clone the repository beside shared/, as .ci/run expects)", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -446,11 +446,11 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path, capsys, workers):
 def test_cli_errors_have_no_traceback_and_offline_fineweb_fails_fast(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for source in ["fineweb-edu", str(tmp_path / "nope.txt")]:
-        start = time.time()
         result = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--source", source,
-                                 "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True)
+                                 "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=120)  # offline, fineweb must fail instead of retrying the network
         assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
-        assert "Traceback" not in result.stderr and time.time() - start < 30
+        assert "Traceback" not in result.stderr
         assert not (tmp_path / "out").exists()
     assert "--data-files" in result.stderr or "does not exist" in result.stderr
 
@@ -513,3 +513,47 @@ def test_pinned_batches_are_page_locked_and_equal(shakespeare_data):
     for _ in range(3):
         a, b = plain.next_batch(), pinned.next_batch()
         assert b.is_pinned() and not a.is_pinned() and torch.equal(a, b)
+
+
+def test_shuffled_order_permutes_whole_sequences_and_differs_by_seed(reference):
+    ds = TokenDataset(reference)
+    stream = torch.from_numpy(split_tokens(reference, "train").astype(np.int64))
+    B, T = 4, 1000
+    n_sequences = (ds.n_tokens - 1) // T
+    a, b, again = (BatchLoader(ds, B, T, order_seed=s) for s in (1, 2, 1))
+    seen = []
+    for _ in range(n_sequences // B):
+        batch = a.next_batch()
+        assert torch.equal(batch, again.next_batch()), "one seed, one order"
+        seen.extend(batch)
+    rows = {tuple(r.tolist()) for r in seen}
+    expected = {tuple(stream[i * T : (i + 1) * T + 1].tolist()) for i in range(n_sequences)}
+    assert rows <= expected and len(rows) == len(seen) == n_sequences // B * B, "whole sequences, none twice in an epoch"
+    assert not torch.equal(BatchLoader(ds, B, T, order_seed=1).next_batch(), b.next_batch()), "seeds differ"
+    assert not torch.equal(BatchLoader(ds, B, T, order_seed=1).next_batch(), BatchLoader(ds, B, T).next_batch())
+    # Composition over the permuted sequences: 2B rows = two steps of B = ranks 0 and 1.
+    big, r0, r1 = BatchLoader(ds, 2 * B, T, order_seed=3), *(BatchLoader(ds, B, T, rank=r, world_size=2, order_seed=3) for r in (0, 1))
+    small = BatchLoader(ds, B, T, order_seed=3)
+    for _ in range(3):
+        x = big.next_batch()
+        assert torch.equal(x, torch.cat([small.next_batch(), small.next_batch()]))
+        assert torch.equal(x, torch.cat([r0.next_batch(), r1.next_batch()]))
+
+
+def test_shuffled_order_resumes_exactly_across_epochs(reference):
+    ds = TokenDataset(reference)
+    loader = BatchLoader(ds, 2, 700, rank=1, world_size=2, order_seed=9)
+    first_epoch = [loader.next_batch() for _ in range(53)]
+    for _ in range(7):  # into the second epoch, whose order is a new permutation
+        loader.next_batch()
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = [loader.next_batch() for _ in range(5)]
+    assert state["epoch"] == 1 and state["order_seed"] == 9
+    assert not all(torch.equal(e, f) for e, f in zip(expected, first_epoch[7:12])), "each epoch its own order"
+    resumed = BatchLoader(TokenDataset(reference), 2, 700, rank=1, world_size=2, order_seed=9)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next_batch(), e) for e in expected)
+    with pytest.raises(ShardError, match="data order seed 9"):
+        BatchLoader(ds, 2, 700, rank=1, world_size=2, order_seed=8).load_state_dict(state)
+    with pytest.raises(ShardError, match="data order seed 9"):
+        BatchLoader(ds, 2, 700, rank=1, world_size=2).load_state_dict(state)

@@ -109,8 +109,8 @@ def test_from_hf_errors(tmp_path):
         (tmp_path / "config.json").write_bytes(damaged)
         with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
             HookedGPT2.from_hf(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="not GPT-2"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(CheckpointError, match="'mistral' model; HookedGPT2 loads gpt2 and llama"):
         HookedGPT2.from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}))
     with pytest.raises(CheckpointError, match="no model.safetensors"):

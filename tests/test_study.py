@@ -5,15 +5,18 @@ equals a direct computation from the runs' metrics files."""
 import json
 import math
 import re
+import shutil
 import statistics
 
 import pytest
+import scipy.stats
 
 from analyses import compare_runs
 from tests.test_analyses_browser import CHROMIUM, chromium
 from training import rundir
 from training import study as study_module
-from training.study import StudyError, StudyInterrupted, load_study, run_study
+from training.train import TrainingError
+from training.study import StudyError, StudyInterrupted, load_study, resolve_study, run_config, run_study
 
 STUDY_TOML = """
 name = "tiny"
@@ -138,16 +141,31 @@ def test_t_quantile_matches_tables(df, expected):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
-def test_comparison_report_renders_in_headless_chromium(tiny_study, tmp_path):
-    _, out, *_ = tiny_study
-    page = compare_runs.write_report(compare_runs.compare([out]), tmp_path / "comparison.html")
-    expected = page.read_text().count('class="plotly-graph-div"')
+@pytest.mark.parametrize("which", ["computed", "planted"])
+def test_comparison_report_renders_in_headless_chromium(which, tiny_study, planted_study, tmp_path):
+    """The loss curves and one curve per learned metric, variants overlaid with seed bands,
+    drawn offline: over_training computed on the real tiny runs, or planted (values that vary)."""
+    out = tiny_study[1] if which == "computed" else planted_study[0]
+    result = compare_runs.compare([out], log=lambda *a: None)
+    page = compare_runs.write_report(result, tmp_path / "comparison.html")
+    source = page.read_text()
+    expected = source.count('class="plotly-graph-div"')
+    assert expected == 2 + len(compare_runs.learned.CURVES)
     dom = chromium(page, tmp_path, "--dump-dom")
     body = re.search(r"<body([^>]*)>", dom)
     assert body and 'data-rendered="true"' in body.group(1), dom[:2000]
-    assert expected == 2 and f'data-plots="{expected}"' in body.group(1), body.group(1)
+    assert f'data-plots="{expected}"' in body.group(1), body.group(1)
     errors = re.search(r'<pre id="report-errors">(.*?)</pre>', dom, re.S)
     assert errors is not None and errors.group(1).strip() == "", errors.group(1)
+    # Each learned metric's plot is drawn with its title, and each variant's mean line and band.
+    for label, _ in compare_runs.learned.CURVES.values():
+        assert label in dom
+    assert dom.count('class="trace scatter') >= 2 * 2 * expected, "a band and a mean line per variant per plot"
+    assert "What the models learned" in dom and "Differences beyond seed noise" in dom
+    if which == "planted":
+        assert "in-context learning score at the last checkpoint is higher than in baseline" in dom
+        assert "baseline (1 of 2 runs have it)" in dom  # the head-ablation share: seed 7 has no ablation
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=", source)
 
 
 def test_reference_study_file_has_every_intervention():
@@ -166,6 +184,26 @@ def test_reference_study_file_has_every_intervention():
     assert variants["fp32"]["config"]["precision"] == "fp32"
     stacked = variants["stacked"]
     assert stacked["stack"] and stacked["config"]["model"]["dropout"] == 0.0 and stacked["config"]["weight_decay"] == 0.1
+    assert "tied_embeddings" not in stacked["stack"] and stacked["config"]["model"]["tie_embeddings"] is False, \
+        "the reference found weight tying harmful"
+
+
+def test_circuits_study_has_the_seven_interventions_with_three_seeds_of_both_noises(tmp_path):
+    study = load_study("studies/interventions_circuits.toml")
+    assert study["seeds"] == [0, 1, 2] and study["vary"] == "both"
+    variants = study["variants"]
+    base = variants["baseline"]["config"]
+    assert base["preset"] == "demo"
+    assert {k: base["model"][k] for k in ("dropout", "qkv_bias", "tie_embeddings")} == \
+        {"dropout": 0.1, "qkv_bias": False, "tie_embeddings": False}
+    assert (base["grad_clip"], base["weight_decay"], base["schedule"], base["precision"]) == (None, 0.1, "constant", "bf16")
+    changed = {name: v["overrides"] for name, v in variants.items() if name != "baseline"}
+    assert changed == {"lr_schedule": {"schedule": "cosine", "warmup_steps": 12, "model": {}},
+                       "no_dropout": {"model": {"dropout": 0.0}}, "weight_decay_0_01": {"weight_decay": 0.01, "model": {}},
+                       "qkv_bias": {"model": {"qkv_bias": True}}, "grad_clip": {"grad_clip": 1.0, "model": {}},
+                       "fp32": {"precision": "fp32", "model": {}}, "tied_embeddings": {"model": {"tie_embeddings": True}}}
+    cfg = run_config(study, "qkv_bias", 2, tmp_path)
+    assert (cfg.seed, cfg.data_order_seed, cfg.model_config().n_layers) == (2, 2, 2)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -194,3 +232,160 @@ def test_compare_runs_user_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_runs.cli.run(compare_runs.main, [str(tmp_path / "notarun")])
     assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vary, seeds, orders", [("init", [3, 7], [None, None]), ("data", [0, 0], [3, 7]),
+                                                  ("both", [3, 7], [3, 7])])
+def test_a_study_varies_initialisation_data_order_or_both(vary, seeds, orders, tmp_path):
+    study = resolve_study({"seeds": [3, 7], "vary": vary, "baseline": {"preset": "tiny"},
+                           "variants": {"x": {"lr": 1e-3}}})
+    for variant in ("baseline", "x"):
+        configs = [run_config(study, variant, n, tmp_path) for n in (3, 7)]
+        assert [c.seed for c in configs] == seeds and [c.data_order_seed for c in configs] == orders
+        assert [c.out for c in configs] == [str(tmp_path / variant / f"seed_{n}") for n in (3, 7)]
+    with pytest.raises(StudyError, match="vary must be"):
+        resolve_study({"vary": "weights"})
+    with pytest.raises(StudyError, match="data_order_seed"):
+        resolve_study({"baseline": {"data_order_seed": 1}})
+
+
+def planted_over_training(variant: str, seed: int) -> dict:
+    """over_training.json of one run with planted values: no_dropout's in-context learning
+    is far above the baseline's (beyond noise), induction scores differ by less than the
+    seeds do; baseline seed 7 never forms an induction head and has no ablation."""
+    bump = 1.0 if variant == "no_dropout" else 0.0
+    jitter = {3: 0.01, 7: -0.02}[seed]
+    rows = []
+    for i, step in enumerate((0, 3, 6)):
+        rows.append({"step": step, "tokens_seen": step * 64, "icl": i * (0.5 + bump) + jitter, "icl_first": 9.0,
+                     "heads": {"induction": [[0.2 * i + jitter, 0.1]], "previous_token": [[0.3, 0.1 * i - jitter]],
+                               "duplicate_token": [[0.0, 0.0]]},
+                     "logit_lens": [7.0 - i - bump / 2 + jitter],
+                     "k_composition": [[0.5]]})  # a metric this comparison does not know: ignored
+        if not (variant == "baseline" and seed == 7):
+            rows[-1]["ablation"] = [[0.6 + bump + jitter, 0.2 - jitter]]
+    crossing = None if (variant, seed) == ("baseline", 7) else {"step": 3 + 3 * (variant == "baseline"), "tokens_seen": 64 * (3 + 3 * (variant == "baseline")), "head": [0, 0], "score": 0.6}
+    return {"run_dir": "x", "metrics": ["icl", "heads", "logit_lens", "ablation"], "options": {}, "notes": [],
+            "checkpoints": rows, "crossing": crossing}
+
+
+@pytest.fixture(scope="module")
+def planted_study(tiny_study, tmp_path_factory):
+    """A copy of the tiny study whose runs' over_training.json files are planted."""
+    _, original, *_ = tiny_study
+    out = tmp_path_factory.mktemp("planted") / "study"
+    shutil.copytree(original, out, ignore=shutil.ignore_patterns("analysis", "comparison.*"))
+    files = {}
+    for variant in ("baseline", "no_dropout"):
+        for seed in (3, 7):
+            path = out / variant / f"seed_{seed}" / "analysis" / "over_training.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(planted_over_training(variant, seed)))
+            files[variant, seed] = path
+    return out, files
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, on planted differences equal across seeds
+def test_learned_comparison_equals_direct_computation_from_over_training_json(planted_study):
+    out, files = planted_study
+    result = compare_runs.compare([out], log=lambda *a: None)  # reads the files: nothing to compute
+    assert all(not (p.parent / "over_training").exists() for p in files.values())
+
+    def direct(variant, read):
+        return [read(json.loads(files[variant, s].read_text())) for s in (3, 7)]
+
+    def top_share(d):
+        effects = sorted((max(0, x) for x in d["checkpoints"][-1]["ablation"][0]), reverse=True)
+        return effects[0] / sum(effects)
+
+    readers = {
+        "final_icl": lambda d: d["checkpoints"][-1]["icl"],
+        "max_icl": lambda d: max(r["icl"] for r in d["checkpoints"]),
+        "best_induction": lambda d: max(d["checkpoints"][-1]["heads"]["induction"][0]),
+        "best_previous_token": lambda d: max(d["checkpoints"][-1]["heads"]["previous_token"][0]),
+        "logit_lens_0": lambda d: d["checkpoints"][-1]["logit_lens"][0],
+    }
+    learned = result["learned"]
+    for metric, read in readers.items():
+        b, n = direct("baseline", read), direct("no_dropout", read)
+        got = learned[metric]["variants"]
+        assert got["baseline"]["values"] == b and got["no_dropout"]["values"] == n
+        assert got["no_dropout"]["mean"] == pytest.approx(statistics.mean(n), abs=1e-12)
+        assert got["no_dropout"]["std"] == pytest.approx(statistics.stdev(n), abs=1e-12)
+        reference = scipy.stats.ttest_ind(n, b, equal_var=False).confidence_interval(0.95)
+        w = got["no_dropout"]["welch"]
+        assert (w["low"], w["high"]) == (pytest.approx(reference.low, abs=1e-9), pytest.approx(reference.high, abs=1e-9))
+        ref_pair = scipy.stats.ttest_rel(n, b).confidence_interval(0.95)
+        pair = got["no_dropout"]["paired"]
+        assert (pair["low"], pair["high"]) == (pytest.approx(ref_pair.low, abs=1e-9), pytest.approx(ref_pair.high, abs=1e-9))
+        assert w["exceeds_noise"] == (not reference.low <= 0 <= reference.high)
+    assert learned["final_icl"]["variants"]["no_dropout"]["welch"]["exceeds_noise"] is True  # planted +1.0 x 2
+    assert learned["best_induction"]["variants"]["no_dropout"]["welch"]["exceeds_noise"] is False
+    # Missing stays missing: baseline seed 7 has no crossing and no ablation (not zeros).
+    crossing = learned["crossing_step"]["variants"]
+    assert crossing["baseline"]["values"] == [6.0, None] and crossing["baseline"]["n"] == 1
+    assert crossing["no_dropout"]["welch"]["diff"] == pytest.approx(3.0 - 6.0) and "paired" not in crossing["no_dropout"]
+    share = learned["largest_head_share"]["variants"]
+    assert share["baseline"]["values"] == [top_share(json.loads(files["baseline", 3].read_text())), None]
+    assert share["no_dropout"]["values"] == pytest.approx(direct("no_dropout", top_share))
+    assert learned["heads_for_80pct"]["variants"]["no_dropout"]["values"] == [1.0, 1.0]  # 1.61 of 1.79 (and 1.58 of 1.80) in the largest
+    assert "k_composition" not in learned
+    # In words: the planted difference beyond noise, the others within it, missing ones said.
+    text = compare_runs.markdown_table(result)
+    assert "no_dropout: in-context learning score at the last checkpoint is higher than in baseline by 2" in text
+    assert "no_dropout (best_induction)" in text.split("Within seed noise")[1]
+    assert "| crossing_step | baseline | 1 of 2 | 6 ± n/a |" in text
+    assert "initialisation (and dropout) seed varied; data-order seed fixed" in text
+    # Curves: per metric, per variant, one series per run, from the files' rows.
+    icl_curves = result["learned_curves"]["icl"]["no_dropout"]
+    assert [sorted(c.items()) for c in icl_curves] == [
+        [(r["step"], (r["tokens_seen"], r["icl"])) for r in json.loads(files["no_dropout", s].read_text())["checkpoints"]]
+        for s in (3, 7)]
+
+
+def test_compare_runs_computes_over_training_where_missing_and_says_which_noise(tiny_study):
+    _, out, *_ = tiny_study
+    result = compare_runs.compare([out], log=lambda *a: None)
+    for variant in ("baseline", "no_dropout"):
+        files = [out / variant / f"seed_{s}" / "analysis" / "over_training.json" for s in (3, 7)]
+        saved = [json.loads(f.read_text()) for f in files]
+        assert all("ablation" in s["metrics"] for s in saved)
+        assert result["learned"]["final_icl"]["variants"][variant]["values"] == [s["checkpoints"][-1]["icl"] for s in saved]
+    assert result["noise"] == {"seed": "varied", "data_order_seed": "fixed (null)"}
+
+
+def test_a_failed_run_is_reported_skipped_and_marked_in_the_comparison(tiny_study, tmp_path):
+    study, original, *_ = tiny_study
+    out = tmp_path / "study"
+    shutil.copytree(original, out, ignore=shutil.ignore_patterns("analysis", "comparison.*"))
+    shutil.rmtree(out / "no_dropout" / "seed_7")
+    real_train = study_module.train
+
+    def diverge(cfg, stop_after=None):  # trains two steps, then fails as a non-finite loss does
+        real_train(cfg, stop_after=2)
+        raise TrainingError("the training loss is nan at step 3: stopping")
+
+    logged = []
+    mp = pytest.MonkeyPatch()
+    mp.setattr(study_module, "train", diverge)
+    try:
+        actions = run_study(study, out, log=logged.append)
+    finally:
+        mp.undo()
+    assert actions[-1] == ("no_dropout", 7, "failed") and [a for *_, a in actions[:-1]] == ["skipped"] * 3
+    assert any("no_dropout seed 7 FAILED: the training loss is nan" in line for line in logged)
+    run = out / "no_dropout" / "seed_7"
+    assert rundir.run_status(run) == "failed" and "nan" in rundir.failure(run)
+    # A re-run reports it and skips it (it would fail again), training nothing.
+    again = run_study(study, out, log=logged.append)
+    assert again[-1] == ("no_dropout", 7, "failed") and "failed before" in logged[-1]
+    # The comparison leaves it out of the means, says so, and marks the variant.
+    result = compare_runs.compare([out], over_training=False)
+    assert result["variants"]["no_dropout"]["seeds"] == [3] and result["variants"]["no_dropout"]["planned"] == 2
+    assert result["variants"]["no_dropout"]["final_val_loss"] == [final_row_val_loss(out / "no_dropout" / "seed_3")]
+    [left] = result["left_out"]
+    assert (left["variant"], left["run"], left["status"]) == ("no_dropout", str(run), "failed")
+    assert "the training loss is nan" in left["reason"]
+    text = compare_runs.markdown_table(result)
+    assert "| no_dropout ⚠ fewer seeds | 1 of 2 finished |" in text
+    assert f"- no_dropout: {run}: failed (failed: the training loss is nan at step 3: stopping)" in text

@@ -82,6 +82,23 @@ def test_resume_equals_uninterrupted_exactly(shakespeare_data, tmp_path, dropout
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_data_order_seed_changes_batches_and_resumes_bitwise(shakespeare_data, tmp_path):
+    kw = dict(max_steps=10, ckpt_every=100, model=dict(dropout=0.1), data_order_seed=4)
+    whole = train(small_cfg(shakespeare_data, tmp_path / "whole", **kw))
+    part = small_cfg(shakespeare_data, tmp_path / "part", **kw)
+    train(part, stop_after=5)
+    train(TrainConfig.from_dict({**part.to_dict(), "resume": True}))
+    assert train_losses(tmp_path / "part") == train_losses(whole)  # bitwise, shuffled order included
+    # Same initialisation, other data orders: the first step's loss (same weights) differs by batch.
+    other = train(small_cfg(shakespeare_data, tmp_path / "other", **{**kw, "max_steps": 1, "data_order_seed": 5}))
+    in_order = train(small_cfg(shakespeare_data, tmp_path / "in_order", **{**kw, "max_steps": 1, "data_order_seed": None}))
+    firsts = {train_losses(run)[0] for run in (whole, other, in_order)}
+    assert len(firsts) == 3
+    assert json.loads((whole / "config.json").read_text())["data_order_seed"] == 4
+    with pytest.raises(TrainingError, match="data_order_seed"):  # a replicate field is fixed on resume
+        train(TrainConfig.from_dict({**part.to_dict(), "resume": True, "max_steps": 12, "data_order_seed": 5}))
+
+
 def test_resume_may_change_hardware_but_not_the_experiment(shakespeare_data, tmp_path):
     cfg = small_cfg(shakespeare_data, tmp_path / "run", max_steps=4, eval_every=100)
     train(cfg, stop_after=2)

@@ -49,6 +49,9 @@ class TrainConfig:
     resume: bool = _help("continue the run in --out from its latest resumable checkpoint", default=False)
     overwrite: bool = _help("delete an existing run directory at --out and start afresh", default=False)
     seed: int = _help("seed for initialisation, dropout and sampling", default=1337)
+    data_order_seed: int | None = _help(
+        "seed of a shuffled order of the training sequences (resumable); default the stream in order", default=None
+    )
     # Batch: each optimizer step sees global_batch_tokens tokens, in micro-batches of
     # batch_size sequences per process, accumulated as needed.
     batch_size: int = _help("micro-batch size per process, in sequences", default=8)
@@ -59,7 +62,7 @@ class TrainConfig:
         default=None,
     )
     max_steps: int | None = _help("optimizer steps to train for (or give --max-tokens)", default=500)
-    max_tokens: int | None = _help("token budget; sets max_steps = max_tokens // global_batch_tokens", default=None)
+    max_tokens: int | None = _help("token budget; sets max_steps = ceil(max_tokens / global_batch_tokens), at least 1", default=None)
     # Optimizer and schedule.
     lr: float = _help("peak learning rate", default=3e-3)
     min_lr: float = _help("learning rate at the end of the decay", default=3e-4)
@@ -121,6 +124,8 @@ class TrainConfig:
         for name in ("seq_len", "global_batch_tokens", "max_tokens"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if self.data_order_seed is not None and not (isinstance(self.data_order_seed, int) and self.data_order_seed >= 0):
+            raise ConfigError(f"data_order_seed must be a non-negative integer (or unset), got {self.data_order_seed!r}")
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError("give a length: --max-steps N or --max-tokens N")
         if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 0):
@@ -186,8 +191,9 @@ ROLES = {
                    "eval_batches", "eval_batch_size"),
     # How long: a resumed run may be extended; runs compared must have the same length.
     "length": ("max_steps", "max_tokens"),
-    # Which replicate of the experiment: fixed for a run, varies between the runs of a variant.
-    "replicate": ("seed",),
+    # Which replicate of the experiment: fixed for a run, varies between the runs of a variant
+    # (initialisation and dropout noise, data-order noise).
+    "replicate": ("seed", "data_order_seed"),
     # How it is computed, not what (batch_size is the micro-batch: the global batch is fixed
     # by global_batch_tokens): may change on resume, ignored when runs are compared.
     "hardware": ("batch_size", "compile", "device", "ddp_timeout_s", "peak_flops"),
@@ -257,6 +263,14 @@ MODEL_HELP = {
     "tie_embeddings": "share one matrix between embedding and unembedding",
     "attn_only": "attention-only blocks (no MLPs)",
     "init_std": "standard deviation of the initial weights",
+    "positional": "positions: learned (GPT-2's absolute embeddings) or rotary (RoPE)",
+    "rotary_base": "RoPE base: the slowest rotation's wavelength scale",
+    "rotary_dim": "RoPE: dimensions of each head rotated (default d_head)",
+    "norm": "normalisation: layernorm (GPT-2's) or rmsnorm",
+    "mlp": "MLP: gelu (GPT-2's) or swiglu (gated; d_mlp its hidden width)",
+    "qk_norm": "RMSNorm of each head's queries and keys before the dot product",
+    "attn_bias": "bias on the attention output projection (QKV's is --qkv-bias)",
+    "mlp_bias": "biases on the MLP's linear layers",
 }
 
 

@@ -12,6 +12,7 @@
                 rng.pt                   each rank's RNG states, in rank order
                 loader.json              data position; the LR schedule step is state.json's step
         analysis/                        what the analyses write about the run
+        failed.json                      {"error"}: a study run that failed (e.g. a non-finite loss)
     STUDY/study.json, STUDY/<variant>/seed_<n>/    a study (training.study) of such runs
 
 Training and the analyses both import this module; nothing else parses these files.
@@ -40,6 +41,7 @@ SAMPLES = "samples.jsonl"
 CHECKPOINTS = "checkpoints"
 ANALYSIS = "analysis"
 STUDY = "study.json"
+FAILED = "failed.json"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 RESUME_FILES = {"optimizer": "optimizer.pt", "grad_scaler": "grad_scaler.pt", "rng": "rng.pt", "loader": "loader.json"}
 
@@ -175,12 +177,28 @@ def drop_old_resume_state(run_dir: str | Path, keep: int) -> None:
 
 
 def run_status(run_dir: str | Path) -> str:
-    """``new``, ``finished`` (its final checkpoint exists) or ``interrupted``."""
+    """``new``, ``finished`` (its final checkpoint exists), ``failed`` (``mark_failed``)
+    or ``interrupted``."""
     if not has_config(run_dir):
         return "new"
     if read_config(run_dir)["max_steps"] in [step for step, _ in list_checkpoints(run_dir)]:
         return "finished"
+    if (Path(run_dir) / FAILED).is_file():
+        return "failed"
     return "interrupted" if latest_resumable(run_dir) is not None else "new"
+
+
+def mark_failed(run_dir: str | Path, error: str) -> None:
+    """Record that a run failed and why (a study skips it then, and comparisons report it)."""
+    atomic_write(Path(run_dir) / FAILED, json.dumps({"error": error}, indent=2) + "\n")
+
+
+def failure(run_dir: str | Path) -> str | None:
+    """Why a run failed (``mark_failed``), or None."""
+    try:
+        return json.loads((Path(run_dir) / FAILED).read_text())["error"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 # Studies: a baseline and its variants, each with several seeds.

@@ -9,8 +9,8 @@ rank that did not exist when the run was saved (a larger world size) starts from
 generator derived from the run's seed and its rank: deterministic, and its own.
 
 >>> state = TrainState(model, optimizer, scaler, loader, seed=1337)  # doctest: +SKIP
->>> saved = state.state_dict()
->>> state.load_state_dict(saved)
+>>> saved = state.state_dict()                                       # doctest: +SKIP
+>>> state.load_state_dict(saved)                                     # doctest: +SKIP
 """
 
 import random

@@ -8,6 +8,7 @@ A study file (TOML)::
 
     name = "example"
     seeds = [0, 1]
+    vary = "init"              # which noise the seeds vary: "init", "data" or "both" (see below)
     [baseline]                 # TrainConfig keys (as in RUN/config.json), [baseline.model] for GPT2Config
     preset = "tiny"
     max_steps = 100
@@ -17,11 +18,21 @@ A study file (TOML)::
     stack = ["no_dropout", "..."]
 
 Runs go to ``STUDY_DIR/<variant>/seed_<n>/``, the baseline first, one after another; the
-resolved plan is ``STUDY_DIR/study.json``. Every run reads the training data in the same
-order (the loader is sequential and does not depend on the seed); the seed sets the
-initial weights and the dropout masks, so for a given seed all variants share data order
-and, where shapes agree, initialisation. A re-run skips finished runs (their final
-checkpoint exists) and resumes an interrupted one.
+resolved plan is ``STUDY_DIR/study.json``. Two kinds of noise separate the seeds of a
+variant, and ``vary`` says which the study varies:
+
+- ``init`` (the default): run ``seed_n`` has initialisation (and dropout) seed n and reads
+  the training data in order, the same for every run;
+- ``data``: every run has initialisation seed ``init_seed`` (default 0), and run ``seed_n``
+  reads the training sequences in the shuffled order of data-order seed n;
+- ``both``: run ``seed_n`` has initialisation seed n and data-order seed n.
+
+Either way, for a given n all variants share data order and, where shapes agree,
+initialisation, so differences can be paired by seed. A re-run skips finished runs (their
+final checkpoint exists) and resumes an interrupted one. A run that fails (a non-finite
+loss, say) is marked failed (``RUN/failed.json``, with the error), reported, and skipped;
+the study goes on with the others, and a re-run skips it too (delete its failed.json, or
+the run, to try it again).
 """
 
 import argparse
@@ -38,7 +49,8 @@ from .config import EXPERIMENT_ROLES, TrainConfig, changed_fields, fields_with_r
 from .train import TrainingError, train
 
 BASELINE = "baseline"
-STUDY_KEYS = {"name", "seeds", "baseline", "variants", "out"}
+STUDY_KEYS = {"name", "seeds", "vary", "init_seed", "baseline", "variants", "out"}
+VARY = ("init", "data", "both")
 NOT_PER_RUN = {"out", "resume", "overwrite", *fields_with_roles("replicate")}  # the study sets these for each run
 
 
@@ -55,7 +67,7 @@ def load_study(path: str | Path) -> dict:
     every variant's overrides already merged into a full set of TrainConfig keys.
 
     >>> study = load_study("studies/reference_interventions.toml")  # doctest: +SKIP
-    >>> list(study["variants"])[0]
+    >>> list(study["variants"])[0]  # doctest: +SKIP
     'baseline'
     """
     path = Path(path)
@@ -76,6 +88,12 @@ def resolve_study(raw: dict, default_name: str = "study") -> dict:
     seeds = raw.get("seeds", [0, 1])
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)):
         raise StudyError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    vary, init_seed = raw.get("vary", "init"), raw.get("init_seed", 0)
+    if vary not in VARY:
+        raise StudyError(f"vary must be one of {', '.join(VARY)} (which noise the seeds vary), got {vary!r}")
+    if not isinstance(init_seed, int) or "init_seed" in raw and vary != "data":
+        raise StudyError(f"init_seed is the one initialisation seed of a study with vary = \"data\"; got {init_seed!r} "
+                         f"with vary = {vary!r}")
     baseline = _normalise(raw.get("baseline", {}), BASELINE)
     variants = {BASELINE: {"overrides": {}, "stack": []}}
     raw_variants = raw.get("variants", {})
@@ -101,8 +119,8 @@ def resolve_study(raw: dict, default_name: str = "study") -> dict:
             TrainConfig.from_dict(variant["config"]).model_config()  # unknown keys, bad values
         except (ConfigError, TypeError) as e:
             raise StudyError(f"variant {name!r}: {e}") from None
-    return {"name": raw.get("name", default_name), "seeds": seeds, "baseline": baseline, "variants": variants,
-            "out": raw.get("out")}
+    return {"name": raw.get("name", default_name), "seeds": seeds, "vary": vary, "init_seed": init_seed,
+            "baseline": baseline, "variants": variants, "out": raw.get("out")}
 
 
 def _normalise(table: dict, where: str) -> dict:
@@ -127,9 +145,12 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 
 def run_config(study: dict, variant: str, seed: int, study_dir: Path) -> TrainConfig:
-    """The TrainConfig of one run of the study."""
+    """The TrainConfig of run ``seed_<seed>`` of ``variant``: its seeds as the study's ``vary`` says."""
     settings = {"progress": False, **study["variants"][variant]["config"]}
-    return TrainConfig.from_dict({**settings, "seed": seed, "out": str(rundir.study_run_dir(study_dir, variant, seed))})
+    vary = study.get("vary", "init")
+    replicate = {"seed": study.get("init_seed", 0) if vary == "data" else seed,
+                 "data_order_seed": seed if vary in ("data", "both") else None}
+    return TrainConfig.from_dict({**settings, **replicate, "out": str(rundir.study_run_dir(study_dir, variant, seed))})
 
 
 def check_unchanged(cfg: TrainConfig, path: Path) -> None:
@@ -143,7 +164,7 @@ def check_unchanged(cfg: TrainConfig, path: Path) -> None:
 
 def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = None, log=print) -> list[tuple]:
     """Train every (variant, seed) run not yet finished; returns ``(variant, seed, action)``
-    for each, action being ``skipped``, ``resumed`` or ``trained``.
+    for each, action being ``skipped``, ``resumed``, ``trained`` or ``failed``.
 
     ``stop_after`` stops the first run that trains after that step, as an interrupt would
     (for tests); the study then raises ``StudyInterrupted`` like after a Ctrl-C.
@@ -163,10 +184,22 @@ def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = No
             if state == "finished":
                 actions.append((variant, seed, "skipped"))
                 continue
+            if state == "failed":
+                log(f"study {study['name']}: {variant} seed {seed} failed before ({rundir.failure(path)}); skipped "
+                    f"(delete {path / rundir.FAILED} to try it again)")
+                actions.append((variant, seed, "failed"))
+                continue
             action = "resumed" if state == "interrupted" else "trained"
             log(f"study {study['name']}: {'resuming' if state == 'interrupted' else 'training'} {variant} seed {seed} -> {path}")
             overrides = {"resume": True} if state == "interrupted" else {"overwrite": True}
-            train(TrainConfig.from_dict({**cfg.to_dict(), **overrides}), stop_after=stop_after)
+            try:
+                train(TrainConfig.from_dict({**cfg.to_dict(), **overrides}), stop_after=stop_after)
+            except TrainingError as e:
+                path.mkdir(parents=True, exist_ok=True)
+                rundir.mark_failed(path, str(e))
+                log(f"study {study['name']}: {variant} seed {seed} FAILED: {e}")
+                actions.append((variant, seed, "failed"))
+                continue
             stop_after = None
             actions.append((variant, seed, action))
             if rundir.run_status(path) != "finished":
@@ -198,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     except (StudyError, ConfigError, TrainingError, ShardError, CheckpointError, DataPrepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trained = sum(a != "skipped" for *_, a in actions)
-    print(f"study {study['name']}: {trained} runs trained, {len(actions) - trained} already finished, in {out}\n"
+    trained = sum(a in ("trained", "resumed") for *_, a in actions)
+    failed = [f"{v} seed {s}" for v, s, a in actions if a == "failed"]
+    print(f"study {study['name']}: {trained} runs trained, {sum(a == 'skipped' for *_, a in actions)} already "
+          f"finished, {len(failed)} failed{' (' + ', '.join(failed) + ')' if failed else ''}, in {out}\n"
           f"compare them with: python -m analyses.compare_runs {out}")
     return 0
 

@@ -98,7 +98,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     state = TrainState(model, make_optimizer(model, cfg, d.device),
                        torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16"),
                        BatchLoader(TokenDataset(cfg.data, "train"), cfg.batch_size, cfg.seq_len,
-                                   rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda"),
+                                   rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda",
+                                   order_seed=cfg.data_order_seed),
                        rank=d.rank, seed=cfg.seed)
     val_batches = fixed_val_batches(cfg.data, cfg.eval_batch_size, cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed + d.rank)  # each rank its own dropout masks
