@@ -483,9 +483,10 @@ class HookedGPT2(HookedRootModule):
         """
         return hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
 
-    def save_hf(self, path) -> Path:
+    def save_hf(self, path, source=None) -> Path:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` (or, for
         the Llama architecture, ``LlamaForCausalLM``) loads as an exactly equivalent model,
-        with GPT-2's tokenizer files for ``pipeline``."""
-        return hf_interop.save_hf(self, path)
+        with GPT-2's tokenizer files for ``pipeline`` and a README.md model card from the run
+        beside checkpoint ``source`` (default: the directory this model was loaded from)."""
+        return hf_interop.save_hf(self, path, source)
 
