@@ -27,22 +27,29 @@ DETECTORS = ("previous_token", "duplicate_token", "induction")
 
 
 def repeated_random_tokens(
-    model, seq_len: int = 20, batch: int = 8, seed: int = 0, prepend_bos: bool = True
+    model, seq_len: int = 20, batch: int = 8, seed: int = 0, prepend_bos: bool = True,
+    vocab: Int[Tensor, " n"] | None = None,
 ) -> Int[Tensor, "batch pos"]:
     """``batch`` sequences of ``seq_len`` distinct random tokens, each repeated twice
-    (``2 * seq_len`` tokens, plus BOS first when ``prepend_bos``).
+    (``2 * seq_len`` tokens, plus BOS first when ``prepend_bos``). The tokens are drawn
+    from ``vocab`` (for a trained model, the ids its data holds, e.g.
+    ``data_prep.repeats.frequent_tokens``) or, when None, from every id but BOS.
 
     >>> repeated_random_tokens(model, seq_len=3, batch=1).shape
     torch.Size([1, 7])
     """
     bos = bos_token(model)
     d_vocab = model.cfg.d_vocab
-    if seq_len < 2 or seq_len > d_vocab - 1:
-        raise AnalysisError(f"seq_len must be in [2, {d_vocab - 1}] (distinct tokens from the vocabulary), got {seq_len}")
+    if vocab is None:
+        candidates = torch.tensor([t for t in range(min(d_vocab, 50_000)) if t != bos])
+    else:
+        candidates = torch.as_tensor(vocab, dtype=torch.long).cpu()
+        candidates = candidates[(candidates != bos) & (candidates >= 0) & (candidates < d_vocab)]
+    if seq_len < 2 or seq_len > len(candidates):
+        raise AnalysisError(f"seq_len must be in [2, {len(candidates)}] (distinct tokens to draw from), got {seq_len}")
     if 2 * seq_len + prepend_bos > model.cfg.n_ctx:
         raise AnalysisError(f"2 * seq_len{' + 1' if prepend_bos else ''} must fit the context of {model.cfg.n_ctx}")
     generator = torch.Generator().manual_seed(seed)
-    candidates = torch.tensor([t for t in range(min(d_vocab, 50_000)) if t != bos])
     half = torch.stack([candidates[torch.randperm(len(candidates), generator=generator)[:seq_len]] for _ in range(batch)])
     parts = ([torch.full((batch, 1), bos)] if prepend_bos else []) + [half, half]
     return torch.cat(parts, dim=1).to(model.W_E.device)

@@ -103,6 +103,10 @@ class Page:
         cls = ' class="note"' if note else ""
         self.parts.append(f"<p{cls}>{html.escape(text)}</p>")
 
+    def add_pre(self, text: str) -> None:
+        """Preformatted text (line breaks kept, long lines wrapped)."""
+        self.parts.append(f"<pre style='white-space: pre-wrap'>{html.escape(text)}</pre>")
+
     def add_table(self, header: list[str], rows: list[list]) -> None:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join(

@@ -5,13 +5,23 @@ For each ``RUN/checkpoints/step_*`` in step order:
 - ``val_loss``: validation loss on the run's own fixed batches (rebuilt from
   ``RUN/config.json``, at the run's precision), beside the loss the run logged there;
 - ``icl``: on repeated random tokens ``[BOS, r_1..r_n, r_1..r_n]``, mean loss on the
-  first repetition's tokens minus mean loss on the second's (positive: learned in context);
+  first repetition's tokens minus mean loss on the second's (positive: learned in context).
+  The random tokens are the run's most frequent training tokens (``--probe-top``), or
+  every token id for a run without data;
+- ``icl_text``: Olsson et al.'s score on the run's validation text, loss late in the
+  context minus loss early in it (negative: learned in context; ``analyses.formation``);
+- ``composition``: K-composition of every layer-0 head with every layer-1 head;
 - ``heads``: induction, previous-token and duplicate-token scores of every head, on the
   same repeated tokens;
 - ``logit_lens``: next-token loss read off each layer's residual stream, on the first
   validation batch (on the repeated tokens for a run without data);
 - ``ablation`` (on request): the change in loss on the second repetition when each head
   is mean-ablated (which heads in-context learning depends on).
+
+With head scores, ``results["formation"]`` says when each head's previous-token and
+induction scores first reach 0.5, which layer-0 head the best induction head composes
+with, and holds that head's attention on a repeated sequence before, during and after
+it formed; the report marks the crossings on every plot.
 
 Each checkpoint's results are cached in ``RUN/analysis/over_training/step_XXXXXXX.json``,
 each metric under a hash of its options: a re-run computes only what it has not seen
@@ -31,6 +41,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 import torch
 
@@ -45,22 +56,25 @@ from training.precision import make_autocast
 from . import cli
 from .ablation import head_ablation
 from .common import AnalysisError
+from .formation import Probes, attention_views, best_head, first_crossings, k_composition, text_icl, view_steps
 from .heads import DETECTORS, repeated_random_tokens, scores_from_patterns
 from .html import Page, heatmap
 from .logit_lens import per_layer_loss
 
-METRICS = ("val_loss", "icl", "heads", "logit_lens", "ablation")
-DEFAULT_METRICS = ("val_loss", "icl", "heads", "logit_lens")
+METRICS = ("val_loss", "icl", "heads", "logit_lens", "ablation", "icl_text", "composition")
+DEFAULT_METRICS = ("val_loss", "icl", "heads", "logit_lens", "icl_text", "composition")
 CROSSING = 0.5  # the induction score at which we say an induction head has formed
 
 
 def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: int = 8, seed: int = 0,
-                  ablation_method: str = "mean", device: str = "auto", log=print) -> dict:
+                  ablation_method: str = "mean", probe_top: int = 1000, device: str = "auto", log=print) -> dict:
     """Every requested metric for every checkpoint of ``run_dir`` (cached per checkpoint).
 
     Returns ``{"run_dir", "metrics", "options", "notes", "checkpoints": [{"step",
     "tokens_seen", "val_loss", "logged_val_loss", "icl", "heads", "logit_lens",
-    "ablation"}], "crossing"}``; per-head values are ``[layer][head]`` lists.
+    "ablation", "icl_text", "composition"}], "crossing", "formation"}``; per-head values are
+    ``[layer][head]`` lists. ``probe_top``: draw the random probe tokens from the run's
+    ``probe_top`` most frequent training tokens (0 or a run without data: every id).
 
     >>> results = over_training("runs/demo", metrics=["icl", "heads"])  # doctest: +SKIP
     """
@@ -78,9 +92,14 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
     config = rundir.read_config(run_dir) if rundir.has_config(run_dir) else {}
     device = resolve_device(device)
     logged = logged_val_losses(run_dir)
-    options = {"icl_seq_len": icl_seq_len, "icl_batch": icl_batch, "seed": seed, "ablation_method": ablation_method}
+    options = {"icl_seq_len": icl_seq_len, "icl_batch": icl_batch, "seed": seed, "ablation_method": ablation_method,
+               "probe_top": probe_top}
     val = ValidationData(config, device)
+    val.probes = Probes(config, top=probe_top)
+    options["probe_tokens"] = val.probes.description
     notes = [] if val.batches is not None or "val_loss" not in metrics else [val.why_missing]
+    if "icl_text" in metrics and val.probes.windows is None:
+        notes.append("natural-text in-context learning skipped: the run's validation split is not available")
     cache_dir = run_dir / rundir.ANALYSIS / "over_training"
     cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -108,7 +127,7 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
             row["tokens_seen"] = step * config.get("global_batch_tokens", 1)
         for name in metrics:
             value = done[keys[name]]
-            if name == "icl":  # icl, icl_first, icl_second
+            if name in ("icl", "icl_text"):  # icl, icl_first, icl_second; icl_text, its ends and positions
                 row.update(value)
             else:
                 row[name] = value
@@ -116,8 +135,11 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
             row["logged_val_loss"] = logged.get(step)
         rows.append(row)
 
-    return {"run_dir": str(run_dir), "metrics": metrics, "options": options, "notes": notes,
-            "checkpoints": rows, "crossing": induction_crossing(rows) if "heads" in metrics else None}
+    results = {"run_dir": str(run_dir), "metrics": metrics, "options": options, "notes": notes,
+               "checkpoints": rows, "crossing": induction_crossing(rows) if "heads" in metrics else None}
+    if "heads" in metrics:
+        results["formation"] = formation(rows, dict(checkpoints), options, val.probes, device)
+    return results
 
 
 class ValidationData:
@@ -140,8 +162,8 @@ class ValidationData:
 def compute(model, names, options: dict, val: ValidationData) -> dict:
     """The metrics ``names`` of one model, as JSON-ready values."""
     out = {}
-    n = min(options["icl_seq_len"], (model.cfg.n_ctx - 1) // 2, model.cfg.d_vocab - 2)
-    tokens = repeated_random_tokens(model, seq_len=n, batch=options["icl_batch"], seed=options["seed"])
+    tokens = probe_tokens(model, options, val.probes)
+    n = (tokens.shape[1] - 1) // 2
     second = slice(n + 1, 2 * n + 1)  # target positions of the second repetition
     with torch.no_grad():
         if "icl" in names or "heads" in names:
@@ -159,6 +181,10 @@ def compute(model, names, options: dict, val: ValidationData) -> dict:
         if "logit_lens" in names:
             lens_tokens = tokens if val.batches is None else val.batches[0][:, : model.cfg.n_ctx]
             out["logit_lens"] = per_layer_loss(model, lens_tokens).tolist()
+        if "icl_text" in names:
+            out["icl_text"] = text_icl(model, val.probes.windows) if val.probes.windows is not None else {"icl_text": None}
+        if "composition" in names:
+            out["composition"] = k_composition(model).tolist() if model.cfg.n_layers >= 2 else None
         if "ablation" in names:
 
             def second_repetition_loss(logits):
@@ -168,6 +194,13 @@ def compute(model, names, options: dict, val: ValidationData) -> dict:
                                    seed=options["seed"], include_mlps=False)
             out["ablation"] = result.heads.tolist()
     return out
+
+
+def probe_tokens(model, options: dict, probes: Probes):
+    """The repeated random tokens every checkpoint is probed with (the same for all)."""
+    n_vocab = model.cfg.d_vocab - 2 if probes.vocab is None else len(probes.vocab) - 1
+    n = min(options["icl_seq_len"], (model.cfg.n_ctx - 1) // 2, n_vocab)
+    return repeated_random_tokens(model, seq_len=n, batch=options["icl_batch"], seed=options["seed"], vocab=probes.vocab)
 
 
 def induction_crossing(rows: list[dict], threshold: float = CROSSING) -> dict | None:
@@ -181,14 +214,39 @@ def induction_crossing(rows: list[dict], threshold: float = CROSSING) -> dict | 
     return None
 
 
+def formation(rows: list[dict], checkpoints: dict[int, Path], options: dict, probes: Probes, device: str) -> dict:
+    """When each head's previous-token and induction scores first reach ``CROSSING``; the
+    best induction head at the last checkpoint, the layer-0 previous-token head its keys
+    read (for K-composition), and its attention before, during and after it formed."""
+    last = rows[-1]
+    head = best_head(last, "induction")
+    source = best_head(last, "previous_token", layer=head[0] - 1) if head[0] >= 1 else None
+    steps = view_steps(rows, head, CROSSING)
+    model = _load(checkpoints[steps[-1][1]], device)
+    tokens = probe_tokens(model, options, probes)[:1]
+    patterns = attention_views(checkpoints, [step for _, step in steps], head, tokens, lambda p: _load(p, device))
+    by_step = {r["step"]: r for r in rows}
+    views = [{"label": label, "step": step, "pattern": pattern.tolist(), "icl": by_step[step].get("icl"),
+              "icl_text": by_step[step].get("icl_text"),
+              "induction": by_step[step]["heads"]["induction"][head[0]][head[1]]}
+             for (label, step), pattern in zip(steps, patterns)]
+    return {"previous_token_crossings": first_crossings(rows, "previous_token", CROSSING),
+            "induction_crossings": first_crossings(rows, "induction", CROSSING),
+            "induction_head": list(head), "previous_token_head": None if source is None else list(source),
+            "view_tokens": model.to_str_tokens(tokens[0]), "views": views}
+
+
 def logged_val_losses(run_dir: Path) -> dict[int, float]:
     """step -> the val_loss the run logged."""
     return {row["step"]: row["val_loss"] for row in rundir.read_metrics(run_dir) if row.get("val_loss") is not None}
 
 
 def _key(metric: str, options: dict, val: ValidationData, device: torch.device) -> str:
-    relevant = {"val_loss": [val.identity], "logit_lens": [val.identity, options["icl_seq_len"], options["icl_batch"], options["seed"]],
-                "icl": [options["icl_seq_len"], options["icl_batch"], options["seed"]]}
+    probe = val.probes.identity["vocab"]
+    relevant = {"val_loss": [val.identity],
+                "logit_lens": [val.identity, options["icl_seq_len"], options["icl_batch"], options["seed"], probe],
+                "icl": [options["icl_seq_len"], options["icl_batch"], options["seed"], probe],
+                "icl_text": [val.probes.identity["windows"]], "composition": []}
     relevant["heads"] = relevant["icl"]
     relevant["ablation"] = relevant["icl"] + [options["ablation_method"]]
     # Kernels and autocast differ between device types: a CUDA result does not stand for a CPU one.
@@ -224,6 +282,10 @@ def write_report(results: dict, out: Path) -> Path:
     for note in results["notes"]:
         page.add_text(note, note=True)
     names = results["metrics"]
+    marks = crossing_marks(results)
+    if results.get("formation"):
+        page.add_heading("How the circuit formed")
+        page.add_text(story(results))
 
     if "val_loss" in names and any(r["val_loss"] is not None for r in rows):
         fig = _lines(x, {"validation loss (recomputed)": [r["val_loss"] for r in rows]}, "Validation loss", "loss")
@@ -232,22 +294,19 @@ def write_report(results: dict, out: Path) -> Path:
             fig.add_trace(go.Scatter(x=[p[0] for p in logged], y=[p[1] for p in logged], mode="markers",
                                      name="logged by the run", marker={"symbol": "x", "size": 9}))
         page.add_heading("Validation loss")
-        page.add_plotly(fig)
+        page.add_plotly(_mark_crossings(fig, x, rows, marks))
 
     if "icl" in names:
         page.add_heading("In-context learning")
         page.add_text(f"Loss on the first repetition of {results['options']['icl_batch']} random sequences minus loss "
-                      "on their second repetition (positive: the model uses the context to predict the repeat).")
-        fig = _lines(x, {"in-context learning score": [r["icl"] for r in rows]}, "In-context learning score",
-                     "loss difference (nats)")
-        if crossing is not None:
-            cx = x[[r["step"] for r in rows].index(crossing["step"])]
-            ys = [r["icl"] for r in rows]
-            label = f"induction score >= {CROSSING} at step {crossing['step']}"
-            fig.add_trace(go.Scatter(x=[cx, cx], y=[min(ys), max(ys)], mode="lines+text", name=label,
-                                     text=["", label], textposition="top left", line={"dash": "dash", "color": "red"}))
-        page.add_plotly(fig)
+                      "on their second repetition (positive: the model uses the context to predict the repeat); "
+                      f"{results['options'].get('probe_tokens', 'random tokens')}.")
+        fig = _lines(x, {"in-context learning score": [r["icl"] for r in rows]},
+                     "In-context learning score (repeated random tokens)", "loss difference (nats)")
+        page.add_plotly(_mark_crossings(fig, x, rows, marks))
         page.add_text(_crossing_text(crossing) if "heads" in names else "head scores not computed (--metrics heads)")
+    if "icl_text" in names and any(r.get("icl_text") is not None for r in rows):
+        add_text_icl(page, x, rows, marks)
 
     if "heads" in names:
         page.add_heading("Head detector scores")
@@ -257,7 +316,7 @@ def write_report(results: dict, out: Path) -> Path:
             series = {label: [_flat(r["heads"][detector])[i] for r in rows] for i, label in enumerate(labels)}
             fig = _lines(x, series, f"{detector.replace('_', '-')} score per head", "score")
             fig.update_yaxes(range=[0, 1.02])
-            page.add_plotly(fig)
+            page.add_plotly(_mark_crossings(fig, x, rows, marks))
         z = [[_flat(r["heads"]["induction"])[i] for r in rows] for i in range(len(labels))]
         fig = heatmap(z, x=[str(r["step"]) for r in rows], y=labels, title="induction score over time",
                       xlabel="step", ylabel="head", diverging=False)
@@ -268,7 +327,8 @@ def write_report(results: dict, out: Path) -> Path:
         page.add_heading("Logit lens: loss read off each layer")
         n_layers = len(rows[0]["logit_lens"])
         series = {f"after layer {l}": [r["logit_lens"][l] for r in rows] for l in range(n_layers)}
-        page.add_plotly(_lines(x, series, "Next-token loss through ln_final and the unembedding", "loss"))
+        page.add_plotly(_mark_crossings(_lines(x, series, "Next-token loss through ln_final and the unembedding", "loss"),
+                                        x, rows, marks))
 
     if "ablation" in names:
         page.add_heading("Head ablation importance")
@@ -276,7 +336,11 @@ def write_report(results: dict, out: Path) -> Path:
         n_layers, n_heads = len(rows[0]["ablation"]), len(rows[0]["ablation"][0])
         labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
         series = {label: [_flat(r["ablation"])[i] for r in rows] for i, label in enumerate(labels)}
-        page.add_plotly(_lines(x, series, "Loss increase when the head is ablated", "loss change"))
+        page.add_plotly(_mark_crossings(_lines(x, series, "Loss increase when the head is ablated", "loss change"),
+                                        x, rows, marks))
+
+    if results.get("formation"):
+        add_formation(page, x, rows, results["formation"], marks, "composition" in names)
 
     page.add_heading("Per checkpoint")
     header = ["step", "tokens seen"] + [h for h, m in (("val loss", "val_loss"), ("logged val loss", "val_loss"),
@@ -293,6 +357,101 @@ def write_report(results: dict, out: Path) -> Path:
         table.append(row)
     page.add_table(header, table)
     return page.save(out)
+
+
+# The circuit's story: crossings marked on every plot, natural-text ICL, K-composition,
+# per-head crossing steps and the induction head's attention before, during and after.
+def crossing_marks(results: dict) -> list[tuple[int, str, str]]:
+    """(step, label, colour) of the first previous-token and induction crossings."""
+    formation, marks = results.get("formation"), []
+    if formation:
+        prev = [s for s in formation["previous_token_crossings"].values() if s is not None]
+        if prev:
+            marks.append((min(prev), f"previous-token score >= {CROSSING} at step {min(prev)}", "green"))
+    if results["crossing"] is not None:
+        step = results["crossing"]["step"]
+        marks.append((step, f"induction score >= {CROSSING} at step {step}", "red"))
+    return marks
+
+
+def _mark_crossings(fig: go.Figure, x: list, rows: list[dict], marks) -> go.Figure:
+    ys = [y for trace in fig.data for y in (trace.y or []) if y is not None and math.isfinite(y)]
+    low, high = (min(ys), max(ys)) if ys else (0, 1)
+    if fig.layout.yaxis.range is not None:
+        low, high = fig.layout.yaxis.range
+    steps = [r["step"] for r in rows]
+    for step, label, colour in marks:
+        cx = x[steps.index(step)]
+        fig.add_trace(go.Scatter(x=[cx, cx], y=[low, high], mode="lines+text", name=label, text=["", label],
+                                 textposition="top left", line={"dash": "dash", "color": colour}))
+    return fig
+
+
+def story(results: dict) -> str:
+    """One paragraph: which heads formed when, and what the ICL scores did around then."""
+    f, rows, crossing = results["formation"], results["checkpoints"], results["crossing"]
+    layer, head = f["induction_head"]
+    prev_step = f["previous_token_crossings"].get(f"L{f['previous_token_head'][0]}H{f['previous_token_head'][1]}") \
+        if f["previous_token_head"] else None
+    parts = []
+    if f["previous_token_head"]:
+        pl, ph = f["previous_token_head"]
+        parts.append(f"Previous-token head L{pl}H{ph}: " + (f"score first >= {CROSSING} at step {prev_step}."
+                                                             if prev_step is not None else f"never reaches {CROSSING}."))
+    ind_step = f["induction_crossings"][f"L{layer}H{head}"]
+    parts.append(f"Induction head L{layer}H{head}: " + (f"score first >= {CROSSING} at step {ind_step}."
+                                                         if ind_step is not None else f"never reaches {CROSSING}."))
+    if prev_step is not None and ind_step is not None:
+        parts.append("The previous-token head formed " + ("first." if prev_step < ind_step else
+                                                          "at the same checkpoint." if prev_step == ind_step else "after it."))
+    views = {v["label"]: v for v in f["views"]}
+    if crossing is not None and "before" in views:
+        b, a = views["before"], views["after"]
+        for key, name in (("icl", "In-context learning score (repeated random tokens)"),
+                          ("icl_text", "Natural-text score (late minus early loss)")):
+            if b.get(key) is not None and a.get(key) is not None:
+                parts.append(f"{name}: {b[key]:.2f} at step {b['step']}, {views['during'][key]:.2f} at step "
+                             f"{views['during']['step']}, {a[key]:.2f} at step {a['step']}.")
+    return " ".join(parts)
+
+
+def add_text_icl(page: Page, x: list, rows: list[dict], marks) -> None:
+    first = next(r for r in rows if r.get("icl_text") is not None)
+    a, b, c, d = first["icl_text_positions"]
+    page.add_text(f"Olsson et al.'s in-context learning score on the run's validation text: mean loss at target "
+                  f"positions {c} to {d} minus mean loss at positions {a} to {b} (negative: tokens late in the "
+                  "context are predicted better, because the model uses the context).")
+    series = {"late minus early loss": [r.get("icl_text") for r in rows]}
+    fig = _lines(x, series, "In-context learning score (natural text, Olsson et al.)", "loss difference (nats)")
+    page.add_plotly(_mark_crossings(fig, x, rows, marks))
+
+
+def add_formation(page: Page, x: list, rows: list[dict], f: dict, marks, composition: bool) -> None:
+    layer, head = f["induction_head"]
+    page.add_heading("When each head formed")
+    page.add_table(["head", f"previous-token score >= {CROSSING} at step", f"induction score >= {CROSSING} at step"],
+                   [[name, _na(f["previous_token_crossings"][name]), _na(f["induction_crossings"][name])]
+                    for name in f["induction_crossings"]])
+    if composition and f["previous_token_head"] and rows[0].get("composition") is not None:
+        pl, ph = f["previous_token_head"]
+        page.add_heading("K-composition: the induction head's keys read the previous-token head")
+        page.add_text(f"K-composition score of L{pl}H{ph} (best layer-{pl} previous-token head at the last checkpoint) "
+                      f"into L{layer}H{head} (best induction head), beside the mean over the other layer-0/layer-1 pairs: "
+                      "|W_QK W_OV^T| / (|W_QK| |W_OV|), layer-norm gains folded in.")
+        pair = [r["composition"][ph][head] for r in rows]
+        others = [(sum(map(sum, r["composition"])) - r["composition"][ph][head])
+                  / max(1, len(r["composition"]) * len(r["composition"][0]) - 1) for r in rows]
+        fig = _lines(x, {f"L{pl}H{ph} -> L{layer}H{head}": pair, "other pairs (mean)": others},
+                     "K-composition score", "score")
+        page.add_plotly(_mark_crossings(fig, x, rows, marks))
+    page.add_heading(f"Attention of L{layer}H{head} on a repeated sequence: before, during, after")
+    page.add_text("The second half repeats the first; an induction head attends from each token of the repeat to the "
+                  "token after that token's first occurrence (the off-diagonal stripe). Steps: "
+                  + ", ".join(f"{v['label']} {v['step']} (induction score {v['induction']:.2f})" for v in f["views"]) + ".")
+
+    page.add_circuitsvis("AttentionHeads", attention=np.array([v["pattern"] for v in f["views"]], dtype=np.float32),
+                         tokens=f["view_tokens"], maskUpperTri=True,
+                         attentionHeadNames=[f"step {v['step']} ({v['label']})" for v in f["views"]])
 
 
 def _crossing_text(crossing) -> str:
@@ -337,12 +496,15 @@ def main(argv=None) -> int:
     p.add_argument("--icl-seq-len", type=int, default=20, help="length of each random sequence that is repeated")
     p.add_argument("--icl-batch", type=int, default=8, help="number of repeated random sequences")
     p.add_argument("--seed", type=int, default=0, help="seed for the random sequences (fixed across checkpoints)")
+    p.add_argument("--probe-top", type=int, default=1000,
+                   help="draw the random probe tokens from the run's N most frequent training tokens (0: every id)")
     p.add_argument("--ablation-method", default="mean", choices=["zero", "mean", "resample"], help="how heads are ablated")
     p.add_argument("--device", default="auto", help=cli.DEVICE_HELP)
     args = p.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     results = over_training(args.run_dir, metrics, icl_seq_len=args.icl_seq_len, icl_batch=args.icl_batch,
-                            seed=args.seed, ablation_method=args.ablation_method, device=args.device)
+                            seed=args.seed, ablation_method=args.ablation_method, probe_top=args.probe_top,
+                            device=args.device)
     out = cli.out_dir(args.out or Path(args.run_dir) / rundir.ANALYSIS)
     print(_crossing_text(results["crossing"]) if "heads" in metrics else "")
     return cli.finish(out, functools.partial(write_report, results), results, html="over_training.html", data="over_training.json")

@@ -130,4 +130,5 @@ def from_pretrained(cls, path: str | Path, device=None, dtype=None):
     if cfg.tie_embeddings:
         model.unembed.weight = model.embed.weight
     model.eval()
+    model.source_dir = path  # save_hf's model card reads the run beside it
     return model.to(device=device, dtype=dtype)

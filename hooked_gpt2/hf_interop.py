@@ -20,6 +20,7 @@ from .checkpoint import (
     CheckpointError, atomic_save_safetensors, atomic_write, load_state_into, load_weights, read_json,
 )
 from .config import ConfigError, GPT2Config
+from .model_card import model_card
 from .tokenizer import D_VOCAB, EOT_TEXT, EOT_TOKEN, hf_vocab_and_merges
 
 ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
@@ -225,7 +226,7 @@ def gpt2_export_problems(cfg: GPT2Config) -> list[str]:
     return problems
 
 
-def save_hf(model, path) -> Path:
+def save_hf(model, path, source=None) -> Path:
     cfg = model.cfg
     gpt2_problems, llama_problems = gpt2_export_problems(cfg), llama_interop.export_problems(cfg)
     if not gpt2_problems:
@@ -246,6 +247,7 @@ def save_hf(model, path) -> Path:
     atomic_write(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     if cfg.d_vocab == D_VOCAB:
         write_hf_tokenizer(path, cfg.n_ctx)
+    atomic_write(path / "README.md", model_card(cfg, source or getattr(model, "source_dir", None)))
     return path
 
 

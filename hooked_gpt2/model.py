@@ -719,12 +719,13 @@ class HookedGPT2(TextMixin, HookedRootModule):
         model = hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
         return model.process_weights_(**processing) if process_weights else model
 
-    def save_hf(self, path) -> Path:
+    def save_hf(self, path, source=None) -> Path:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` (or, for
         the Llama architecture, ``LlamaForCausalLM``) loads as an exactly equivalent model,
-        with GPT-2's tokenizer files for ``pipeline``."""
+        with GPT-2's tokenizer files for ``pipeline`` and a README.md model card from the run
+        beside checkpoint ``source`` (default: the directory this model was loaded from)."""
         self._check_unprocessed("save_hf")
-        return hf_interop.save_hf(self, path)
+        return hf_interop.save_hf(self, path, source)
 
 
 def _detached(out):

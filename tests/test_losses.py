@@ -5,7 +5,7 @@ import math
 import torch
 
 from hooked_gpt2 import GPT2Config, HookedGPT2
-from hooked_gpt2.losses import next_token_loss
+from hooked_gpt2.losses import IGNORE, next_token_loss
 
 
 def slow_losses(logits, tokens):
@@ -32,6 +32,19 @@ def test_next_token_loss_matches_a_hand_computation():
     assert torch.allclose(next_token_loss(logits, same_length, per_token=True).double(), expected[:, :4], atol=1e-6)
     # bf16 logits are computed in float32.
     assert next_token_loss(logits.bfloat16(), tokens).dtype == torch.float32
+
+
+def test_labels_with_ignored_positions_average_over_the_rest():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 6))
+    expected = slow_losses(logits, tokens)
+    keep = torch.tensor([[0, 0, 1, 1, 1], [1, 0, 0, 0, 1]], dtype=torch.bool)
+    labels = tokens[:, 1:].masked_fill(~keep, IGNORE)
+    assert math.isclose(next_token_loss(logits, labels=labels).item(), expected[keep].mean().item(), abs_tol=1e-6)
+    per_token = next_token_loss(logits, labels=labels, per_token=True).double()
+    assert torch.allclose(per_token, torch.where(keep, expected, 0.0), atol=1e-6)
+    # Nothing ignored: the labels form is the tokens form.
+    assert math.isclose(next_token_loss(logits, labels=tokens[:, 1:]).item(), next_token_loss(logits, tokens).item())
 
 
 def test_model_loss_is_the_shared_loss():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from analyses import over_training as ot
-from tests.planted import INDUCTION_HEAD, build_planted_induction_model
+from analyses.formation import k_composition
+from tests.planted import INDUCTION_HEAD, PREV_HEAD, build_planted_induction_model
 from tests.test_analyses_browser import CHROMIUM, chromium
 from training import rundir
 from training.config import TrainConfig
@@ -52,6 +53,10 @@ def test_every_metric_every_checkpoint_cached_and_new_checkpoints_picked_up(live
         assert torch.tensor(row["ablation"]).shape == (2, 2)
         assert len(row["logit_lens"]) == 2 and row["icl"] == pytest.approx(row["icl_first"] - row["icl_second"])
         assert 0 < row["val_loss"] < 12
+        # Natural text from the run's validation split; K-composition of every layer-0/layer-1 pair.
+        assert row["icl_text"] == pytest.approx(row["icl_text_late"] - row["icl_text_early"])
+        assert torch.tensor(row["composition"]).shape == (2, 2)
+    assert "1,000 most frequent tokens" in first["options"]["probe_tokens"]
     # The validation loss is recomputed on the run's own batches: it equals the logged one.
     logged = {r["step"]: r["logged_val_loss"] for r in first["checkpoints"] if r["logged_val_loss"] is not None}
     assert set(logged) == {0, 4}
@@ -74,7 +79,7 @@ def test_every_metric_every_checkpoint_cached_and_new_checkpoints_picked_up(live
     log.clear()
     later = ot.over_training(run, ALL, icl_seq_len=8, icl_batch=2, log=log)
     assert [r["step"] for r in later["checkpoints"]] == [0, 1, 2, 4, 8]
-    assert log == ["step 8: computing val_loss, icl, heads, logit_lens, ablation"]
+    assert log == ["step 8: computing " + ", ".join(ALL)]
     assert later["checkpoints"][-1]["val_loss"] == pytest.approx(later["checkpoints"][-1]["logged_val_loss"], abs=1e-5)
     assert later["checkpoints"][:4] == first["checkpoints"]
 
@@ -110,11 +115,30 @@ def test_planted_induction_rises_monotonically_and_crossing_is_marked(planted_re
     first = next(r for r, s in zip(rows, scores) if s >= 0.5)
     assert results["crossing"]["step"] == first["step"] == 20 and results["crossing"]["head"] == [layer, head]
     assert all(r["val_loss"] is None for r in rows) and "validation loss skipped" in results["notes"][0]
+    # The story is read off the checkpoints: the planted previous-token head is there from the start,
+    # the induction head crosses at step 20; K-composition is each checkpoint's own weights'.
+    formed = results["formation"]
+    assert formed["induction_head"] == [layer, head] and formed["previous_token_head"] == list(PREV_HEAD)
+    assert formed["previous_token_crossings"]["L0H0"] == 0 and formed["induction_crossings"]["L1H0"] == 20
+    assert [v["step"] for v in formed["views"]] == [10, 20, 100]  # 0.1 is the last scale below 0.25
+    for row in rows:
+        model = build_planted_induction_model(row["step"] / 100)
+        assert torch.allclose(torch.tensor(row["composition"]), k_composition(model), atol=1e-6)
+        assert row["icl_text"] is None  # no data: no natural text
+    assert rows[0]["composition"][0][0] == 0 and rows[-1]["composition"][0][0] > 0.05
+    before, after = (torch.tensor(formed["views"][i]["pattern"]) for i in (0, -1))
+    n = (after.shape[0] - 1) // 2
+    query = torch.arange(n + 1, 2 * n + 1)  # the repeat; its induction key is n - 1 back
+    assert after[query, query - (n - 1)].mean() > 0.9 > before[query, query - (n - 1)].mean()
+    assert formed["views"][-1]["icl"] > formed["views"][0]["icl"] + 1
     # Ablating the induction head costs the second repetition its in-context advantage.
     assert rows[-1]["ablation"][layer][head] > 3
     html = (planted_report / "over_training.html").read_text()
     assert re.search(r"induction score (>|&gt;|\\u003e)= 0.5 at step 20", html), "the crossing line on the ICL plot"
     assert "first reaches 0.5 at step 20" in html
+    assert re.search(r"previous-token score (>|&gt;|\\u003e)= 0.5 at step 0", html), "the first crossing's line"
+    assert "The previous-token head formed first." in html
+    assert html.count("circuits-vis-") >= 1 and "step 20 (during)" in html
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
@@ -156,6 +180,7 @@ def test_recomputed_losses_autocast_on_the_analysis_device_and_cache_by_device(l
         assert (autocast.device, autocast.fast_dtype) == (device, torch.bfloat16), "the run's bf16, on this device"
     options = {"icl_seq_len": 8, "icl_batch": 2, "seed": 0, "ablation_method": "mean"}
     val = ot.ValidationData(config, torch.device("cpu"))
+    val.probes = ot.Probes(config, top=100)
     for metric in ot.METRICS:
         assert ot._key(metric, options, val, torch.device("cpu")) != ot._key(metric, options, val, torch.device("cuda"))
         assert ot._key(metric, options, val, torch.device("cuda:0")) == ot._key(metric, options, val, torch.device("cuda:1"))

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from hooked_gpt2 import GPT2Config, HookedGPT2
-from training import checkpointing
+from training import rundir
+from training.precision import resolve_precision
 from training.config import TrainConfig, config_from_args
 from training.schedule import checkpoint_steps, get_lr
 from training.train import main, train
@@ -112,7 +113,7 @@ def test_a_crash_inside_save_checkpoint_leaves_no_partial_step_and_earlier_ones_
     checkpoints = tmp_path / "run" / "checkpoints"
     complete = [p.name for p in checkpoints.iterdir() if p.name.startswith("step_")]
     assert sorted(complete) == ["step_0000000", "step_0000001", "step_0000002"], complete
-    for step, path in checkpointing.list_checkpoints(tmp_path / "run"):
+    for step, path in rundir.list_checkpoints(tmp_path / "run"):
         HookedGPT2.from_pretrained(path)
         assert json.loads((path / "state.json").read_text())["step"] == step
     # Resuming continues from step 2 and cleans up what the crash left.
@@ -203,7 +204,7 @@ def test_the_demo_shape_in_the_readme_is_train_configs_defaults():
     assert demo, "README.md no longer states the demo's shape in the expected sentence; update this test with it"
     n_layers, d_model, n_heads, n_ctx, precision, steps, tokens, millions = demo.groups()
     assert (int(n_layers), int(d_model), int(n_heads), int(n_ctx)) == (mcfg.n_layers, mcfg.d_model, mcfg.n_heads, mcfg.n_ctx)
-    assert precision == cfg.precision
+    assert precision == resolve_precision(cfg.precision, torch.device("cpu"))  # the main job runs on the CPU
     assert int(steps.replace(",", "")) == cfg.max_steps and int(tokens.replace(",", "")) == step_tokens
     assert float(millions) == pytest.approx(cfg.max_steps * step_tokens / 1e6, rel=0.1)
     saves = re.search(r"saving checkpoints at steps ([\d, .]+?) and then every (\d+)", text)

@@ -52,6 +52,13 @@ class TrainConfig:
     data_order_seed: int | None = _help(
         "seed of a shuffled order of the training sequences (resumable); default the stream in order", default=None
     )
+    # Repeated spans (data_prep.repeats): the data that makes induction heads form quickly.
+    repeat_fraction: float = _help(
+        "fraction of training sequences replaced by a span of random tokens repeated to fill the sequence "
+        "(0 = natural text only); the tokens come from the training split's most frequent ones", default=0.0)
+    repeat_vocab: int = _help("the repeated spans draw their tokens from this many most frequent training tokens",
+                              default=2000)
+    repeat_span: int = _help("longest repeated span, in tokens (lengths are uniform from 2 to this)", default=32)
     # Batch: each optimizer step sees global_batch_tokens tokens, in micro-batches of
     # batch_size sequences per process, accumulated as needed.
     batch_size: int = _help("micro-batch size per process, in sequences", default=8)
@@ -136,6 +143,12 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be positive, or None/'off' for no clipping; got {self.grad_clip!r}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ConfigError(f"need lr > 0 and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.repeat_fraction <= 1:
+            raise ConfigError(f"repeat_fraction must be between 0 and 1, got {self.repeat_fraction!r}")
+        _positive("repeat_vocab", self.repeat_vocab)
+        if not (isinstance(self.repeat_span, int) and 2 <= self.repeat_span <= self.repeat_vocab):
+            raise ConfigError(f"repeat_span must be an integer from 2 to repeat_vocab ({self.repeat_vocab}), "
+                              f"got {self.repeat_span!r}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.keep_resume < 1 or self.sample_tokens < 0:
             raise ConfigError("warmup_steps, weight_decay and sample_tokens must be >= 0, keep_resume >= 1")
 
@@ -188,7 +201,7 @@ ROLES = {
     # What is trained and measured: fixed for a run, shared by the runs of one variant.
     "experiment": ("preset", "model", "data", "seq_len", "global_batch_tokens", "lr", "min_lr", "warmup_steps",
                    "schedule", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "precision",
-                   "eval_batches", "eval_batch_size"),
+                   "eval_batches", "eval_batch_size", "repeat_fraction", "repeat_vocab", "repeat_span"),
     # How long: a resumed run may be extended; runs compared must have the same length.
     "length": ("max_steps", "max_tokens"),
     # Which replicate of the experiment: fixed for a run, varies between the runs of a variant

@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 8 -m training.train --preset gpt2-small-untied --data DIR ...
     python -m training.train --out runs/demo --resume          # continue after an interrupt
 
-From Python, ``train(TrainConfig(...))`` returns the run directory. Another loop (a
-fine-tuning one) reuses the pieces: a ``TrainState`` (``training.state``), a ``Setup``, and
+From Python, ``train(TrainConfig(...))`` returns the run directory. Fine-tuning
+(``training.finetune``) reuses the pieces: a ``TrainState`` (``training.state``), a ``Setup``
+(its ``batch_loss`` reads the loader's batches), ``run_loop`` and in it
 ``train_step(state, setup, lr)``; ``save`` / ``restore`` checkpoint the state into a run
 directory (``training.rundir``).
 """
@@ -24,6 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_prep.reader import BatchLoader, ShardError, TokenDataset
+from data_prep.repeats import RepeatedSpans, frequent_tokens
 from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError, HookedGPT2
 from hooked_gpt2.losses import next_token_loss
@@ -43,17 +45,26 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+def token_batch_loss(forward: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pretraining's loss on one loader batch of ``[batch, seq_len + 1]`` tokens (inputs and
+    the final target)."""
+    batch = batch.to(device, non_blocking=True)
+    return next_token_loss(forward(batch[:, :-1]), batch)
+
+
 @dataclass
 class Setup:
     """What every step of a run uses and nothing changes: the config, the processes, the
-    micro-batches per step, the autocast factory, and the module the forward pass goes
-    through (the model, or its DDP / compiled wrapper)."""
+    micro-batches per step, the autocast factory, the module the forward pass goes
+    through (the model, or its DDP / compiled wrapper), and the loss of one loader batch
+    (``batch_loss(forward, batch, device)``; fine-tuning's batches carry their labels)."""
 
     cfg: TrainConfig
     d: distributed.Dist
     accum: int
     autocast: Callable
     forward: torch.nn.Module
+    batch_loss: Callable = token_batch_loss
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None) -> Path:
@@ -87,10 +98,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     model = HookedGPT2(mcfg).to(d.device).train()
     state = TrainState(model, make_optimizer(model, cfg, d.device),
                        torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16"),
-                       BatchLoader(TokenDataset(cfg.data, "train"), cfg.batch_size, cfg.seq_len,
-                                   rank=d.rank, world_size=d.world_size, pin_memory=d.device.type == "cuda",
-                                   order_seed=cfg.data_order_seed),
-                       rank=d.rank, seed=cfg.seed)
+                       make_loader(cfg, d), rank=d.rank, seed=cfg.seed)
     val_batches = fixed_val_batches(cfg.data, cfg.eval_batch_size, cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed + d.rank)  # each rank its own dropout masks
     if cfg.resume:
@@ -104,8 +112,21 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
     setup = Setup(cfg, d, cfg.grad_accum_steps(d.world_size), make_autocast(cfg.precision, d.device), forward)
 
     log = Logger(cfg, d, run_dir, max_steps, state.step, flops_per_token(mcfg, cfg.seq_len))
+    run_loop(run_dir, state, setup, log, max_steps, ckpt_steps, stop_after, "python -m training.train",
+             evaluate=lambda step: eval_and_sample(model, val_batches, setup, log, step, step == max_steps))
+    return run_dir
+
+
+def run_loop(run_dir: Path, state: TrainState, setup: Setup, log: Logger, max_steps: int, ckpt_steps: set[int],
+             stop_after: int | None, command: str, evaluate: Callable[[int], float]) -> None:
+    """Train ``state`` to ``max_steps`` (pretraining's loop, and fine-tuning's): the step-0
+    evaluation and checkpoint of a new run, then ``train_step`` each step, the validation
+    loss ``evaluate(step)`` every ``eval_every`` steps and at the end, a checkpoint at
+    ``ckpt_steps``, and a resumable stop on SIGINT/SIGTERM or at ``stop_after``.
+    ``command`` is how the user resumes the run."""
+    cfg = setup.cfg
     if state.step == 0:
-        val_loss = eval_and_sample(model, val_batches, setup, log, step=0)
+        val_loss = evaluate(0)
         log.eval_row(0, val_loss)
         save(run_dir, state, setup, train_loss=None, val_loss=val_loss)
     loss, val_loss = None, None
@@ -121,17 +142,16 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Pat
             val_loss = None
             if step % cfg.eval_every == 0 or step == max_steps:
                 with log.paused():
-                    val_loss = eval_and_sample(model, val_batches, setup, log, step, step == max_steps)
+                    val_loss = evaluate(step)
             log.step(step, step * cfg.global_batch_tokens, loss, val_loss, lr, grad_norm)
             if step in ckpt_steps or interrupted:
                 with log.paused():
                     save(run_dir, state, setup, loss, val_loss)
             if interrupted:
                 log.message(f"stopped at step {step}: resumable checkpoint saved; continue with "
-                            f"python -m training.train --out {run_dir} --resume")
+                            f"{command} --out {run_dir} --resume")
                 break
     log.close(state.step, loss, val_loss)
-    return run_dir
 
 
 def train_step(state: TrainState, setup: Setup, lr: float, stop: bool = False) -> tuple[float, float, bool]:
@@ -146,12 +166,12 @@ def train_step(state: TrainState, setup: Setup, lr: float, stop: bool = False) -
         group["lr"] = lr
     total = torch.zeros((), device=d.device)
     for micro in range(setup.accum):
-        batch = state.loader.next_batch().to(d.device, non_blocking=True)
+        batch = state.loader.next_batch()
         # DDP all-reduces gradients only on the last micro-step.
         sync = micro == setup.accum - 1 or not d.enabled
         with contextlib.nullcontext() if sync else setup.forward.no_sync():
             with setup.autocast():
-                loss = next_token_loss(setup.forward(batch[:, :-1]), batch) / setup.accum
+                loss = setup.batch_loss(setup.forward, batch, d.device) / setup.accum
             scaler.scale(loss).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
@@ -167,6 +187,20 @@ def train_step(state: TrainState, setup: Setup, lr: float, stop: bool = False) -
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     return loss, norm, stop
+
+
+def make_loader(cfg: TrainConfig, d: distributed.Dist):
+    """The training batches: the split in order, with ``repeat_fraction`` of rows made repeated spans."""
+    dataset = TokenDataset(cfg.data, "train")
+    loader = BatchLoader(dataset, cfg.batch_size, cfg.seq_len, rank=d.rank, world_size=d.world_size,
+                         pin_memory=d.device.type == "cuda", order_seed=cfg.data_order_seed)
+    if cfg.repeat_fraction == 0:
+        return loader
+    vocab = frequent_tokens(dataset, cfg.repeat_vocab)
+    if len(vocab) < cfg.repeat_span:
+        raise ConfigError(f"the training split has only {len(vocab)} distinct tokens, fewer than --repeat-span "
+                          f"{cfg.repeat_span}; lower --repeat-span")
+    return RepeatedSpans(loader, cfg.repeat_fraction, vocab, cfg.repeat_span, seed=cfg.seed)
 
 
 def make_optimizer(model: HookedGPT2, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -245,14 +279,18 @@ def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
     return resolved
 
 
-def prepare_run_dir(cfg: TrainConfig, d: distributed.Dist) -> None:
+def prepare_run_dir(cfg, d: distributed.Dist, fixed_changed: Callable[[dict], list[str]] | None = None) -> None:
+    """Check ``cfg.out`` against ``cfg.resume`` / ``cfg.overwrite`` and make it ready.
+    ``fixed_changed(saved_config)`` names the fields a resume may not change (default:
+    TrainConfig's, by their roles)."""
     run_dir = Path(cfg.out)
     exists = run_dir.is_dir() and any(p.is_file() for p in run_dir.rglob("*"))  # empty folders do not count
     if cfg.resume:
         if not rundir.has_config(run_dir):
             raise TrainingError(f"nothing to resume: {run_dir} holds no run (no config.json); "
                                 "give the run's directory with --out")
-        changed = changed_fields(rundir.read_config(run_dir), cfg, FIXED_ON_RESUME)
+        fixed_changed = fixed_changed or (lambda saved: changed_fields(saved, cfg, FIXED_ON_RESUME))
+        changed = fixed_changed(rundir.read_config(run_dir))
         if changed:
             raise TrainingError(f"--resume with settings that differ from the run's config.json: {changed}; these "
                                 "describe the experiment (only hardware, length and bookkeeping settings may change); "
@@ -302,15 +340,21 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(run: Callable[[], Path], user_errors: tuple[type[Exception], ...]) -> int:
+    """The end of a training command: the run directory printed and exit code 0, or a
+    user error as one ``error: ...`` line and exit code 2."""
     try:
-        cfg = config_from_args(argv)
-        run_dir = train(cfg)
-    except (ConfigError, TrainingError, ShardError, CheckpointError, DataPrepError) as e:
+        run_dir = run()
+    except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run directory: {run_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: train(config_from_args(argv)),
+                       (ConfigError, TrainingError, ShardError, CheckpointError, DataPrepError))
 
 
 if __name__ == "__main__":
