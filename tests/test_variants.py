@@ -230,3 +230,15 @@ def test_bf16_autocast_runs_the_variants_close_to_fp32(name):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model.loss(TOKENS)
         assert float(low) == pytest.approx(float(model.loss(TOKENS)), abs=0.05)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weight_processing_keeps_the_log_probs(name):
+    """fold_ln (RMSNorm included), centring where it applies and fold_value_biases leave
+    every variant computing the same log-probs; RMSNorm models become RMSNormPre."""
+    model = make_variant(name)
+    with torch.no_grad():
+        before = model(TOKENS).log_softmax(-1)
+        model.process_weights_()
+        torch.testing.assert_close(model(TOKENS).log_softmax(-1), before, atol=1e-4, rtol=1e-4)
+    assert model.cfg.normalization_type == ("RMSPre" if model.cfg.norm == "rmsnorm" else "LNPre")
