@@ -66,11 +66,17 @@ def direct_logit_attribution(
     if cache is None:
         _, cache = model.run_with_cache(tokens)
     stack, labels = component_stack(model, cache)
-    # logit_attrs applies the final layer norm itself (the cached scale at ``pos``).
-    attrs = cache.logit_attrs(stack[:, :, pos], answer_id, wrong_id, pos_slice=pos).mean(-1).cpu()  # [component]
-    direction = model.W_U[:, answer_id] - (model.W_U[:, wrong_id] if wrong_id is not None else 0)
-    ln_final_bias = getattr(model.ln_final, "bias", None)  # RMSNorm has none
-    ln_bias = 0.0 if ln_final_bias is None else float(ln_final_bias.detach() @ direction.detach())
+    direction = (model.W_U[:, answer_id] - (model.W_U[:, wrong_id] if wrong_id is not None else 0)).detach()
+    # The final layer norm as a linear map: apply_ln_to_stack centres and divides by the
+    # cached scale (at ``pos``); its weight multiplies the direction here (a folded model,
+    # with LNPre, has it in W_U already); its bias, and b_U, are constant terms.
+    ln = model.ln_final
+    weight = ln.w.detach() if hasattr(ln, "w") else 1.0
+    scaled = cache.apply_ln_to_stack(stack[:, :, pos], pos_slice=pos)
+    attrs = (scaled * (weight * direction).to(scaled.device)).sum(-1).mean(-1).cpu()  # [component]
+    b_U = model.b_U.detach()
+    constant = b_U[answer_id] - (b_U[wrong_id] if wrong_id is not None else 0)
+    ln_bias = float((ln.b.detach() @ direction if hasattr(ln, "b") else 0) + constant)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     by_label = dict(zip(labels, attrs.tolist()))
     mlps = None if model.cfg.attn_only else torch.tensor([by_label[f"L{l}MLP"] for l in range(L)])

@@ -40,6 +40,8 @@ class RMSNorm(nn.Module):
         self.hook_scale = HookPoint()  # [... 1]
         self.hook_normalized = HookPoint()  # [... length], before the weight
 
+    w = property(lambda self: self.weight)  # TransformerLens's name
+
     def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
         # In the weight's precision (float32 under autocast, as F.layer_norm is there, and
         # the fused kernel wants input and weight alike), returned in the input's.
@@ -48,6 +50,23 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x_in, x.shape[-1:], self.weight, self.eps).to(x.dtype)
         scale = self.hook_scale((x_in.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return (self.hook_normalized(x_in / scale) * self.weight).to(x.dtype)
+
+
+class RMSNormPre(nn.Module):
+    """An RMSNorm whose weight was folded into the weights that read it
+    (``processing.fold_ln``): scale only, TransformerLens's ``RMSNormPre``."""
+
+    def __init__(self, cfg: GPT2Config, length: int | None = None):
+        super().__init__()
+        self.eps = cfg.layer_norm_eps
+        self.hook_scale = HookPoint()  # [... 1]
+        self.hook_normalized = HookPoint()  # [... length]
+
+    def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+        if not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
+            return F.rms_norm(x, x.shape[-1:], None, self.eps)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale)
 
 
 class RotaryEmbedding(nn.Module):

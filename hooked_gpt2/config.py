@@ -80,6 +80,30 @@ class GPT2Config:
     attn_bias: bool = True  # bias of the attention output projection (QKV's is qkv_bias)
     mlp_bias: bool = True  # biases of the MLP's linear layers
 
+    # What TransformerLens code reads from ``model.cfg`` beyond the fields above. These are
+    # class attributes, not dataclass fields, so they never reach config.json: the four
+    # ``use_*`` switches and ``normalization_type`` are per-model run-time state (set by
+    # ``model.set_use_attn_result`` and friends, and by weight processing); ``device`` and
+    # ``dtype`` follow the model's parameters.
+    use_attn_result = False  # cache / fire blocks.L.attn.hook_result
+    use_split_qkv_input = False  # blocks.L.hook_q_input / hook_k_input / hook_v_input
+    use_attn_in = False  # blocks.L.hook_attn_in
+    use_hook_mlp_in = False  # blocks.L.hook_mlp_in
+    normalization_type = "LN"  # "LNPre" once folded; "RMS" / "RMSPre" with rmsnorm (see __post_init__)
+    device = None
+    dtype = None
+    # Constants of the architecture, under TransformerLens's names.
+    positional_embedding_type = property(lambda self: "rotary" if self.positional == "rotary" else "standard")
+    gated_mlp = property(lambda self: self.mlp == "swiglu")
+    n_key_value_heads = None  # no grouped-query attention
+    default_prepend_bos = True
+    original_architecture = "GPT2LMHeadModel"
+    model_name = "hooked-gpt2"
+    final_rms = False
+    output_logits_soft_cap = -1.0
+    d_vocab_out = property(lambda self: self.d_vocab)
+    eps = property(lambda self: self.layer_norm_eps)
+
     def __post_init__(self):
         if self.d_head is None and isinstance(self.n_heads, int) and self.n_heads > 0:
             self.d_head = self.d_model // self.n_heads
@@ -87,6 +111,8 @@ class GPT2Config:
             self.d_mlp = 4 * self.d_model
         if self.rotary_dim is None and self.positional == "rotary":
             self.rotary_dim = self.d_head
+        if self.norm == "rmsnorm":
+            self.normalization_type = "RMS"
         self.validate()
 
     def validate(self) -> None:

@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from .tokenizer import EOT_TOKEN
 
@@ -39,12 +40,18 @@ class KVCache:
 
 def sample_next(
     logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: int | None, top_p: float | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None, freq_penalty: float = 0.0, history: Int[Tensor, "batch pos"] | None = None,
 ) -> Int[Tensor, "batch"]:
-    """One token per row: greedy at temperature 0, else sampled after top-k / top-p filtering."""
+    """One token per row: greedy at temperature 0, else sampled after top-k / top-p filtering.
+
+    ``freq_penalty`` subtracts, after the temperature, that much per earlier occurrence of
+    a token in ``history`` (TransformerLens's frequency penalty; sampling only)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
+    if freq_penalty:
+        counts = torch.zeros_like(logits).scatter_add_(-1, history, torch.ones_like(history, dtype=logits.dtype))
+        logits = logits - freq_penalty * counts
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -133,7 +140,8 @@ class _SplitRows:
 def generate_tokens(
     model, tokens: Int[Tensor, "batch pos"], max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-    stop_at_eos: bool = False, use_kv_cache: bool = True,
+    stop_at_eos: bool = False, use_kv_cache: bool = True, eos_token_id: int = EOT_TOKEN,
+    freq_penalty: float = 0.0, verbose: bool = False,
 ) -> Int[Tensor, "batch new_pos"]:
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     n_ctx = model.cfg.n_ctx
@@ -157,15 +165,15 @@ def generate_tokens(
             finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
             out = tokens
             step_input = tokens
-            for _ in range(max_new_tokens):
+            for _ in tqdm(range(max_new_tokens), disable=not verbose):
                 resid = model.final_residual(step_input if use_kv_cache else out, kv_cache=kv_cache)
                 logits = unembed(resid[:, -1])  # only the last position: no other logits are read
                 if kv_cache is not None:
                     kv_cache.ids_in_range = True
-                next_token = sample_next(logits, temperature, top_k, top_p, generator)
+                next_token = sample_next(logits, temperature, top_k, top_p, generator, freq_penalty, out)
                 if stop_at_eos:
-                    next_token = next_token.masked_fill(finished, EOT_TOKEN)
-                    finished |= next_token == EOT_TOKEN
+                    next_token = next_token.masked_fill(finished, eos_token_id)
+                    finished |= next_token == eos_token_id
                 out = torch.cat([out, next_token[:, None]], dim=1)
                 step_input = next_token[:, None]
                 if stop_at_eos and bool(finished.all()):

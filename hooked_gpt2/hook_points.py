@@ -30,6 +30,8 @@ class HookPoint(nn.Module):
     def __init__(self):
         super().__init__()
         self.name: str = ""  # set by the root module, e.g. "blocks.0.attn.hook_pattern"
+        self.ctx: dict = {}  # scratch space for hooks, as in TransformerLens
+        self.handles: list[tuple[torch.utils.hooks.RemovableHandle, bool]] = []  # (handle, permanent)
 
     def has_hooks(self) -> bool:
         return bool(self._forward_hooks)
@@ -39,7 +41,25 @@ class HookPoint(nn.Module):
         parts = self.name.split(".")
         return int(parts[1]) if parts[0] == "blocks" else None
 
-    def add_hook(self, fn: HookFn, direction: str = "fwd") -> torch.utils.hooks.RemovableHandle:
+    def add_hook(
+        self, fn: HookFn, direction: str = "fwd", dir: str | None = None, is_permanent: bool = False
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Attach ``fn`` (``dir`` is TransformerLens's name for ``direction``). Prefer
+        ``model.hooks(...)``, which removes it; ``remove_hooks`` / ``model.reset_hooks``
+        remove hooks added here, keeping permanent ones unless told otherwise."""
+        handle = self._attach(fn, dir or direction)
+        self.handles.append((handle, is_permanent))
+        return handle
+
+    def remove_hooks(self, including_permanent: bool = False) -> None:
+        for handle, permanent in self.handles:
+            if including_permanent or not permanent:
+                handle.remove()
+        self.handles = [(h, p) for h, p in self.handles if p and not including_permanent]
+        if including_permanent:
+            self.ctx.clear()
+
+    def _attach(self, fn: HookFn, direction: str) -> torch.utils.hooks.RemovableHandle:
         if direction == "fwd":
 
             def forward_hook(module, inputs, output):
@@ -77,6 +97,29 @@ class HookedRootModule(nn.Module):
             if isinstance(module, HookPoint):
                 module.name = name
                 self.hook_dict[name] = module
+
+    @property
+    def mod_dict(self) -> dict[str, nn.Module]:
+        return dict(self.named_modules())
+
+    def hook_points(self):
+        return self.hook_dict.values()
+
+    def add_hook(self, name, hook: HookFn, dir: str = "fwd", is_permanent: bool = False) -> None:
+        """Attach ``hook`` until ``reset_hooks`` (or for good, with ``is_permanent``) to the
+        hook point ``name``, or to every one a function of the name selects."""
+        for hook_name in self.resolve_names(name):
+            self.hook_dict[hook_name].add_hook(hook, dir=dir, is_permanent=is_permanent)
+
+    def add_perma_hook(self, name, hook: HookFn, dir: str = "fwd") -> None:
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both", including_permanent: bool = False) -> None:
+        """Remove the hooks added with ``add_hook`` (permanent ones too, if asked)."""
+        for hook_point in self.hook_dict.values():
+            hook_point.remove_hooks(including_permanent)
+            if clear_contexts:
+                hook_point.ctx.clear()
 
     def hook_names(self) -> list[str]:
         """Every hook point's name, in the order the forward pass reaches them."""
@@ -122,7 +165,7 @@ class HookedRootModule(nn.Module):
                         raise HookError(f"a hook is a (name_or_filter, fn) pair, got {spec!r}")
                     name_or_filter, fn = spec
                     for name in self.resolve_names(name_or_filter):
-                        handles.append(self.hook_dict[name].add_hook(fn, direction))
+                        handles.append(self.hook_dict[name]._attach(fn, direction))
             yield self
         finally:
             for handle in handles:

@@ -8,8 +8,10 @@ Architecture variants (RMSNorm, rotary positions, QK-norm, SwiGLU; ``components.
 are chosen once, when a block is built, from the config.
 """
 
+import copy
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import einops
 import torch
@@ -21,10 +23,12 @@ from . import checkpoint, hf_interop
 from .cache import ActivationCache
 from .components import RMSNorm, SwiGLU, bias_or_zeros, qk_transform
 from .config import GPT2Config
+from .factored_matrix import FactoredMatrix
 from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
 from .losses import next_token_loss
-from .tokenizer import EOT_TOKEN, get_tokenizer
+from .text import TextMixin
+from .tokenizer import EOT_TOKEN
 
 
 class LayerNorm(nn.Module):
@@ -34,14 +38,40 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(cfg.d_model))
         self.bias = nn.Parameter(torch.zeros(cfg.d_model))
         self.hook_scale = HookPoint()  # [batch pos 1]
-        self.hook_normalized = HookPoint()  # [batch pos d_model], after weight and bias
+        # [batch pos d_model], centred and scaled, *before* weight and bias: where
+        # TransformerLens (>= 3.0) puts it, so that it equals LNPre's output.
+        self.hook_normalized = HookPoint()
+
+    w = property(lambda self: self.weight)  # TransformerLens's names
+    b = property(lambda self: self.bias)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale * self.weight + self.bias)
+        return normalize(x, self.eps, self.hook_scale, self.hook_normalized) * self.weight + self.bias
+
+
+class LNPre(nn.Module):
+    """A layer norm whose weight and bias were folded into the weights that read it
+    (``processing.fold_ln``): centre and scale only, TransformerLens's ``LayerNormPre``."""
+
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.eps = cfg.layer_norm_eps
+        self.hook_scale = HookPoint()  # [batch pos 1]
+        self.hook_normalized = HookPoint()  # [batch pos d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
+            return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
+        return normalize(x, self.eps, self.hook_scale, self.hook_normalized)
+
+
+def normalize(x: Tensor, eps: float, hook_scale: HookPoint, hook_normalized: HookPoint) -> Tensor:
+    """Centre, then divide by the root mean square: the explicit path, with both hooks."""
+    x = x - x.mean(-1, keepdim=True)
+    scale = hook_scale((x.pow(2).mean(-1, keepdim=True) + eps).sqrt())
+    return hook_normalized(x / scale)
 
 
 class Attention(nn.Module):
@@ -63,6 +93,7 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()  # [batch pos head_index d_head]
         self.hook_result = HookPoint()  # [batch pos head_index d_model]
+        self.cfg = cfg  # the model's: its use_attn_result switch is read at each call
 
     # Per-head views of the fused weights, without copies.
     def _qkv_weight(self, i: int) -> Float[Tensor, "head_index d_model d_head"]:
@@ -97,6 +128,20 @@ class Attention(nn.Module):
             three=3,
             head=self.n_heads,
         )
+        return self.attend(q, k, v, kv_cache, layer)
+
+    def forward_per_head(
+        self, q_in: Float[Tensor, "batch pos head_index d_model"], k_in, v_in, kv_cache=None, layer: int = 0
+    ):
+        """Attention where each head reads its own copy of the (normalised) stream, as
+        TransformerLens's ``use_split_qkv_input`` / ``use_attn_in`` do (for path patching)."""
+        q, k, v = (
+            einops.einsum(x, W, "batch pos head d_model, head d_model d_head -> batch pos head d_head") + b
+            for x, W, b in ((q_in, self.W_Q, self.b_Q), (k_in, self.W_K, self.b_K), (v_in, self.W_V, self.b_V))
+        )
+        return self.attend(q, k, v, kv_cache, layer)
+
+    def attend(self, q, k, v, kv_cache, layer: int):
         past = kv_cache.length if kv_cache is not None else 0
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k = self.transform_qk(q, k, past)
@@ -113,7 +158,9 @@ class Attention(nn.Module):
                 is_causal=past == 0 and q.shape[2] > 1,
             )
         z = self.hook_z(einops.rearrange(z, "batch head pos d_head -> batch pos head d_head"))
-        if self.hook_result.has_hooks():
+        # Per-head results cost n_heads residual-width tensors: only when asked for, by
+        # set_use_attn_result (as in TransformerLens) or by a hook attached to them.
+        if self.cfg.use_attn_result or self.hook_result.has_hooks():
             result = self.hook_result(
                 einops.einsum(
                     z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"
@@ -175,15 +222,23 @@ MLPS = {"gelu": MLP, "swiglu": SwiGLU}
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int):
         super().__init__()
+        self.cfg = cfg
         self.layer = layer
         self.attn_only = cfg.attn_only
         # Attributes in forward order, so hook_names() lists hooks in the order they fire.
         self.hook_resid_pre = HookPoint()  # [batch pos d_model]
+        # Per-head copies of the stream, [batch pos head_index d_model]: these fire only
+        # with cfg.use_attn_in / cfg.use_split_qkv_input on (set_use_attn_in, ...).
+        self.hook_attn_in = HookPoint()
+        self.hook_q_input = HookPoint()
+        self.hook_k_input = HookPoint()
+        self.hook_v_input = HookPoint()
         self.ln1 = NORMS[cfg.norm](cfg)
         self.attn = Attention(cfg)
         self.hook_attn_out = HookPoint()
         if not cfg.attn_only:
             self.hook_resid_mid = HookPoint()
+            self.hook_mlp_in = HookPoint()  # fires only with cfg.use_hook_mlp_in
             self.ln2 = NORMS[cfg.norm](cfg)
             self.mlp = MLPS[cfg.mlp](cfg)
             self.hook_mlp_out = HookPoint()
@@ -191,15 +246,55 @@ class TransformerBlock(nn.Module):
 
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], kv_cache=None):
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), kv_cache, self.layer))
+        attn_out = self.hook_attn_out(self.attention(resid_pre, kv_cache))
         if self.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self.hook_resid_post(resid_mid + mlp_out)
 
+    def attention(self, resid_pre: Float[Tensor, "batch pos d_model"], kv_cache=None):
+        if not (self.cfg.use_attn_in or self.cfg.use_split_qkv_input):
+            return self.attn(self.ln1(resid_pre), kv_cache, self.layer)
+        per_head = einops.repeat(resid_pre, "batch pos d_model -> batch pos head d_model", head=self.cfg.n_heads)
+        if self.cfg.use_attn_in:
+            q_in = k_in = v_in = self.hook_attn_in(per_head.clone())
+        else:
+            q_in, k_in, v_in = (
+                hook(per_head.clone()) for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+            )
+        # As in TransformerLens, ln1 runs once per input, so its cached scale is v's.
+        return self.attn.forward_per_head(self.ln1(q_in), self.ln1(k_in), self.ln1(v_in), kv_cache, self.layer)
 
-class HookedGPT2(HookedRootModule):
+
+class Embed(nn.Embedding):
+    W_E = property(lambda self: self.weight)  # [d_vocab d_model]
+
+
+class PosEmbed(nn.Embedding):
+    W_pos = property(lambda self: self.weight)  # [n_ctx d_model]
+
+
+class Unembed(nn.Linear):
+    """The unembedding; it has a bias ``b_U`` only once weight processing gave it one."""
+
+    def __init__(self, d_model: int, d_vocab: int, bias: bool = False):
+        super().__init__(d_model, d_vocab, bias=bias)
+        self.hook_in = HookPoint()  # [batch pos d_model], as TransformerLens 3.x names them
+        self.hook_out = HookPoint()  # [batch pos d_vocab]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return self.hook_out(super().forward(self.hook_in(x)))
+
+    W_U = property(lambda self: self.weight.T)  # [d_model d_vocab]
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return self.bias if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
+
+
+class HookedGPT2(TextMixin, HookedRootModule):
     """GPT-2 for training and for taking apart.
 
     >>> model = HookedGPT2(GPT2Config.preset("tiny"))
@@ -210,22 +305,33 @@ class HookedGPT2(HookedRootModule):
 
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        # A copy: run-time switches (set_use_attn_result, weight processing) are this model's.
+        self.cfg = cfg = copy.copy(cfg)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch pos d_model]
         # Rotary positions act inside attention instead (components.RotaryEmbedding).
         self.learned_positions = cfg.positional == "learned"
         if self.learned_positions:
-            self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+            self.pos_embed = PosEmbed(cfg.n_ctx, cfg.d_model)
             self.hook_pos_embed = HookPoint()
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = NORMS[cfg.norm](cfg)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.init_weights()
         self.setup_hooks()
+        self._sync_cfg()
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), .float(), ...
+        self._sync_cfg()
+        return module
+
+    def _sync_cfg(self) -> None:
+        """``cfg.device`` / ``cfg.dtype`` follow the parameters, as TransformerLens code expects."""
+        self.cfg.device, self.cfg.dtype = self.W_E.device, self.W_E.dtype
 
     def init_weights(self) -> None:
         """GPT-2's initialisation: N(0, 0.02), residual output projections scaled down by
@@ -241,13 +347,58 @@ class HookedGPT2(HookedRootModule):
             for linear in projections:
                 nn.init.normal_(linear.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
 
-    def forward(self, tokens: Int[Tensor, "batch pos"], kv_cache=None) -> Float[Tensor, "batch pos d_vocab"]:
-        return self.unembed(self.final_residual(tokens, kv_cache))
+    def forward(
+        self,
+        input,
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        stop_at_layer: int | None = None,
+        *,
+        kv_cache=None,
+    ):
+        """Logits ``[batch pos d_vocab]`` for token ids (or text, tokenised by ``to_tokens``).
+
+        TransformerLens's signature: ``return_type`` is "logits", "loss" (mean next-token
+        loss, or ``[batch pos-1]`` with ``loss_per_token``), "both" (``(logits, loss)``) or
+        None; ``stop_at_layer=L`` returns the residual stream entering block L instead.
+        """
+        if return_type == "logits" and stop_at_layer is None and isinstance(input, Tensor):
+            return self.unembed(self.final_residual(input, kv_cache))  # the fast path
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        tokens = self.input_tokens(input, prepend_bos, padding_side)
+        if stop_at_layer is not None:
+            return self.residual_stream(tokens, kv_cache, stop_at_layer)
+        resid = self.final_residual(tokens, kv_cache)
+        if return_type is None:
+            return None
+        logits = self.unembed(resid)
+        if return_type == "logits":
+            return logits
+        loss = self.loss_fn(logits, tokens, per_token=loss_per_token)
+        return loss if return_type == "loss" else Output(logits, loss)
+
+    def input_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None) -> Tensor:
+        """Text (a string or a list of strings) through ``to_tokens``; ids through ``check_tokens``."""
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            return self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        return self.check_tokens(input)
 
     def final_residual(self, tokens: Int[Tensor, "batch pos"], kv_cache=None) -> Float[Tensor, "batch pos d_model"]:
         """Everything but the unembedding: the output of ``ln_final``. Generation uses it to
         unembed only the last position."""
+        return self.ln_final(self.residual_stream(tokens, kv_cache))
+
+    def residual_stream(
+        self, tokens: Int[Tensor, "batch pos"], kv_cache=None, stop_at_layer: int | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The residual stream after ``blocks[:stop_at_layer]`` (all blocks by default),
+        before ``ln_final``."""
         past = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and stop_at_layer is not None:
+            raise ValueError("stop_at_layer cannot be combined with a KV cache (later layers would miss keys)")
         # Ids that generation sampled over d_vocab are in range by construction: not read back.
         tokens = self.check_tokens(tokens, past=past, values=not (kv_cache is not None and kv_cache.ids_in_range))
         resid = self.hook_embed(self.embed(tokens))
@@ -258,11 +409,11 @@ class HookedGPT2(HookedRootModule):
                 pos_embed = pos_embed.contiguous()  # so that hooks may edit it in place
             resid = resid + self.hook_pos_embed(pos_embed)
         resid = self.embed_dropout(resid)
-        for block in self.blocks:
+        for block in self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]:
             resid = block(resid, kv_cache)
         if kv_cache is not None:
             kv_cache.length += tokens.shape[1]
-        return self.ln_final(resid)
+        return resid
 
     def loss(self, tokens: Int[Tensor, "batch pos"], per_token: bool = False):
         """Next-token cross-entropy: predicts ``tokens[:, 1:]`` from ``tokens[:, :-1]``.
@@ -272,7 +423,16 @@ class HookedGPT2(HookedRootModule):
         tokens = self.check_tokens(tokens, past=-1)  # the last token is only a target: n_ctx + 1 fit
         if tokens.shape[1] < 2:
             raise ValueError("loss needs at least 2 tokens per sequence (an input and a target)")
-        return next_token_loss(self(tokens[:, :-1]), tokens, per_token)
+        return self.loss_fn(self(tokens[:, :-1]), tokens, per_token=per_token)
+
+    def loss_fn(self, logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], attention_mask=None,
+                per_token: bool = False):
+        """Next-token loss of ``logits`` (for ``tokens``, or for all but its last) against
+        ``tokens[:, 1:]``: TransformerLens's ``loss_fn``."""
+        if attention_mask is not None:
+            raise ValueError("loss_fn does not take an attention_mask here: batches are right-padded, "
+                             "so slice off the padding (or use per_token=True and mask the result)")
+        return next_token_loss(logits, tokens, per_token)
 
     def check_tokens(self, tokens, past: int = 0, values: bool = True) -> Int[Tensor, "batch pos"]:
         """Token ids as a 2-D long tensor, checked for length and (``values``) range."""
@@ -302,6 +462,7 @@ class HookedGPT2(HookedRootModule):
     W_E = property(lambda self: self.embed.weight)  # [d_vocab d_model]
     W_pos = property(lambda self: self.pos_embed.weight)  # [n_ctx d_model]
     W_U = property(lambda self: self.unembed.weight.T)  # [d_model d_vocab]
+    b_U = property(lambda self: self.unembed.b_U)  # [d_vocab]; zeros until processing adds one
 
     def _stack(self, name: str, part: str = "attn") -> Tensor:
         return torch.stack([getattr(getattr(block, part), name) for block in self.blocks])
@@ -330,80 +491,120 @@ class HookedGPT2(HookedRootModule):
         attn = self.blocks[layer].attn
         return einops.einsum(attn.W_V, attn.W_O, "head src d_head, head d_head dst -> head src dst")
 
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``W_Q W_K^T`` of every head, ``[n_layers n_heads d_model d_model]``, kept factored."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``W_V W_O`` of every head, ``[n_layers n_heads d_model d_model]``, kept factored."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """The sum of the output biases (b_O, and b_out unless ``include_mlp_biases`` is
+        False) written before ``layer``'s attention (its MLP with ``mlp_input``): ``[d_model]``."""
+        bias = self.W_E.new_zeros(self.cfg.d_model)
+        for block in self.blocks[:layer]:
+            bias = bias + block.attn.b_O
+            if include_mlp_biases and not self.cfg.attn_only:
+                bias = bias + block.mlp.b_out
+        if mlp_input:
+            if layer >= self.cfg.n_layers:
+                raise ValueError(f"mlp_input needs a layer below n_layers={self.cfg.n_layers}, got {layer}")
+            bias = bias + self.blocks[layer].attn.b_O
+        return bias
+
     def n_params(self, embeddings: bool = True) -> int:
         return self.cfg.n_params(embeddings)
 
-    # Tokenizer helpers (GPT-2's BPE, offline; <|endoftext|> doubles as BOS and padding).
-    @property
-    def tokenizer(self):
-        return get_tokenizer()
+    # TransformerLens's switches for optional hooks (path patching needs them).
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute each head's write, ``blocks.L.attn.hook_result`` (caches then hold it)."""
+        self.cfg.use_attn_result = use_attn_result
 
-    def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
-        """Text to token ids on the model's device; a list of strings is right-padded with
-        <|endoftext|>.
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Give each head its own copy of the stream for Q, K and V (``hook_q_input``, ...)."""
+        self.cfg.use_split_qkv_input = use_split_qkv_input
 
-        >>> model.to_tokens("Hello world", prepend_bos=False)
-        tensor([[15496,   995]])
-        """
-        texts = [text] if isinstance(text, str) else list(text)
-        ids = [([EOT_TOKEN] if prepend_bos else []) + self.tokenizer.encode_ordinary(t) for t in texts]
-        if not any(ids):
-            raise ValueError("the text is empty: give a non-empty prompt (or prepend_bos=True)")
-        width = max(len(row) for row in ids)
-        padded = [row + [EOT_TOKEN] * (width - len(row)) for row in ids]
-        return torch.tensor(padded, dtype=torch.long, device=self.W_E.device)
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Give each head its own copy of the stream it reads (``blocks.L.hook_attn_in``)."""
+        self.cfg.use_attn_in = use_attn_in
 
-    def to_str_tokens(self, text_or_tokens, prepend_bos: bool = True) -> list[str]:
-        """Each token as its own string, for labelling plots."""
-        if isinstance(text_or_tokens, str):
-            tokens = self.to_tokens(text_or_tokens, prepend_bos=prepend_bos)[0]
-        else:
-            tokens = torch.as_tensor(text_or_tokens)
-            if tokens.dim() == 2:
-                if tokens.shape[0] != 1:
-                    raise ValueError("to_str_tokens takes one sequence; index the batch first")
-                tokens = tokens[0]
-        return [self.tokenizer.decode([int(t)]) for t in tokens]
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Fire ``blocks.L.hook_mlp_in`` on a copy of the MLP's input stream."""
+        self.cfg.use_hook_mlp_in = use_hook_mlp_in
 
-    def to_string(self, tokens) -> str | list[str]:
-        """Decode ids back to text; a [batch pos] tensor gives a list of strings."""
-        tokens = torch.as_tensor(tokens)
-        if tokens.dim() == 2:
-            return [self.tokenizer.decode(row.tolist()) for row in tokens]
-        return self.tokenizer.decode(tokens.tolist())
+    def process_weights_(
+        self, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+        fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False,
+    ) -> "HookedGPT2":
+        """TransformerLens's weight processing, in place (see ``hooked_gpt2.processing``).
+        Log-probs are unchanged; logits change by a per-position constant."""
+        from . import processing  # it builds on this module's layer norms
+
+        processing.process_weights_(
+            self, fold_ln, center_writing_weights, center_unembed, fold_value_biases, refactor_factored_attn_matrices
+        )
+        return self
 
     # Checkpoints.
     def save_pretrained(self, path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically)."""
+        self._check_unprocessed("save_pretrained")
         return checkpoint.save_pretrained(self, path)
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None) -> "HookedGPT2":
-        """Load a ``save_pretrained`` directory (in eval mode). Never unpickles."""
-        return checkpoint.from_pretrained(cls, path, device=device, dtype=dtype)
+    def from_pretrained(cls, path, device=None, dtype=None, process_weights: bool = False, **processing) -> "HookedGPT2":
+        """Load a ``save_pretrained`` directory (in eval mode). Never unpickles.
+
+        ``process_weights=True`` applies TransformerLens's ``from_pretrained`` processing
+        (fold_ln, center_writing_weights, center_unembed, fold_value_biases; turn any off
+        by name, e.g. ``center_unembed=False``)."""
+        model = checkpoint.from_pretrained(cls, path, device=device, dtype=dtype)
+        return model.process_weights_(**processing) if process_weights else model
+
+    def _check_unprocessed(self, action: str) -> None:
+        if self.cfg.normalization_type.endswith("Pre") or self.unembed.bias is not None:
+            raise ValueError(
+                f"{action} writes the unprocessed architecture, and this model's weights were processed "
+                "(folded layer norms / an unembedding bias): save the model before process_weights_, "
+                "and process again after loading (from_pretrained(..., process_weights=True))"
+            )
 
     # Caching.
     def run_with_cache(
         self,
-        tokens,
+        *model_args,
         names_filter=None,
         device=None,
         remove_batch_dim: bool = False,
         incl_bwd: bool = False,
         metric=None,
+        return_cache_object: bool = True,
+        **model_kwargs,
     ) -> tuple[Tensor, ActivationCache]:
-        """Run the model and keep the activations that ``names_filter`` selects (all by
-        default: a name, a list of names, or a function of the name).
+        """Run the model (``forward``'s arguments: ids or text, ``return_type=``, ...) and
+        keep the activations that ``names_filter`` selects: a name, a list of names, or a
+        function of the name. With no filter (or a function), every hook that fires;
+        ``hook_result`` fires only with ``set_use_attn_result(True)``, as in TransformerLens.
 
         Without ``incl_bwd`` the run is under ``torch.no_grad()``, so memory goes only to
         what is cached. With it, gradients are stored as ``name + "_grad"``: of
-        ``metric(logits)`` if given, else of the mean next-token loss (``.grad`` of the
-        parameters accumulates as in any backward pass).
+        ``metric(output)`` if given, else of the output if it is a scalar (``return_type=
+        "loss"``), else of the mean next-token loss (``.grad`` of the parameters
+        accumulates as in any backward pass). ``remove_batch_dim`` drops the batch axis of
+        the cached activations only; the output keeps it, as in TransformerLens.
 
         >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "pattern" in n)
         """
         names = self.resolve_names(names_filter)
-        tokens = self.check_tokens(tokens)
+        if (names_filter is None or callable(names_filter)) and not self.cfg.use_attn_result:
+            names = [name for name in names if not name.endswith("attn.hook_result")]
+        if not model_args:
+            raise TypeError("run_with_cache needs the model's input: token ids or text")
+        input, *rest = model_args
+        tokens = self.input_tokens(input, model_kwargs.pop("prepend_bos", None), model_kwargs.pop("padding_side", None))
         if remove_batch_dim and tokens.shape[0] != 1:
             raise ValueError(f"remove_batch_dim needs a batch of 1, got {tokens.shape[0]}")
         store: dict[str, Tensor] = {}
@@ -425,25 +626,31 @@ class HookedGPT2(HookedRootModule):
         with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
             if incl_bwd:
                 with torch.enable_grad():
-                    logits = self(tokens)
-                    value = metric(logits) if metric is not None else next_token_loss(logits, tokens)
+                    out = self(tokens, *rest, **model_kwargs)
+                    if metric is not None:
+                        value = metric(out)
+                    elif isinstance(out, Tensor) and out.dim() == 0:
+                        value = out
+                    else:
+                        value = next_token_loss(out, tokens)
                     if value.dim() != 0:
                         raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
                     value.backward()
-                logits = logits.detach()
+                out = _detached(out)
             else:
                 with torch.no_grad():
-                    logits = self(tokens)
+                    out = self(tokens, *rest, **model_kwargs)
         # Forward order of hook names, then their gradients (backward hooks fire in reverse).
         order = [*self.hook_dict, *(name + "_grad" for name in self.hook_dict)]
         ordered = {key: store[key] for key in order if key in store}
-        cache = ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim)
-        return (logits[0] if remove_batch_dim else logits), cache
+        if not return_cache_object:
+            return out, ordered
+        return out, ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim)
 
     # Generation.
     def generate(
         self,
-        prompt_or_tokens,
+        input="",
         max_new_tokens: int = 20,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -451,42 +658,84 @@ class HookedGPT2(HookedRootModule):
         seed: int | None = None,
         stop_at_eos: bool = False,
         use_kv_cache: bool = True,
+        *,
+        do_sample: bool = True,
+        eos_token_id: int | None = None,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        return_type: str = "input",
+        verbose: bool = False,
     ):
-        """Continue a prompt. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable.
+        """Continue a prompt. ``temperature=0`` (or ``do_sample=False``) is greedy; ``seed``
+        makes sampling repeatable.
 
-        A string gives back a string (prompt and continuation); token ids ``[batch pos]``
-        give back ``[batch pos + new]`` (fewer new if every row stopped at <|endoftext|>).
+        A string gives back a string (prompt and continuation, special tokens dropped);
+        token ids ``[batch pos]`` give back ``[batch pos + new]`` (fewer new if every row
+        stopped at <|endoftext|>). As in TransformerLens, text gets a BOS unless
+        ``prepend_bos=False``; ``return_type`` "str" or "tokens" overrides the kind returned.
+        The rest of TransformerLens's keywords are taken (``eos_token_id``, ``freq_penalty``,
+        ``use_past_kv_cache``, ``verbose``), but ``stop_at_eos`` stays off by default.
 
         >>> model.generate("The meaning of life is", max_new_tokens=5, temperature=0)  # doctest: +ELLIPSIS
         'The meaning of life is...'
         """
-        if isinstance(prompt_or_tokens, str):
-            if not prompt_or_tokens:
-                raise ValueError("the prompt is empty: give some text to continue")
-            tokens = self.to_tokens(prompt_or_tokens, prepend_bos=False)
+        if return_type not in ("input", "str", "tokens"):
+            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+        is_text = isinstance(input, (str, list))
+        if input == "":  # TransformerLens would sample from BOS alone; a CLI typo is likelier
+            raise ValueError("the prompt is empty: give some text to continue")
+        if isinstance(input, list) and len({len(self.to_tokens(text)[0]) for text in input}) > 1:
+            # TransformerLens left-pads and masks; without masks, padding would be read as text.
+            raise ValueError("prompts of different token lengths: generate them one at a time, or pass "
+                             "token ids of equal length")
+        if is_text:
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         else:
-            tokens = self.check_tokens(prompt_or_tokens)
+            tokens = self.check_tokens(input)
+        use_kv_cache = use_kv_cache if use_past_kv_cache is None else use_past_kv_cache
         out = generate_tokens(
-            self, tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, use_kv_cache
+            self, tokens, max_new_tokens, temperature if do_sample else 0.0, top_k, top_p, seed, stop_at_eos,
+            use_kv_cache, eos_token_id=EOT_TOKEN if eos_token_id is None else eos_token_id,
+            freq_penalty=freq_penalty, verbose=verbose,
         )
-        return self.to_string(out[0]) if isinstance(prompt_or_tokens, str) else out
-
+        if return_type == "tokens" or (return_type == "input" and not is_text):
+            return out
+        texts = [self.tokenizer.decode([t for t in row.tolist() if t != EOT_TOKEN]) for row in out]
+        return texts[0] if len(texts) == 1 else texts
 
     # Hugging Face interop.
     @classmethod
-    def from_hf(cls, dir_or_model, device=None, dtype=None) -> "HookedGPT2":
+    def from_hf(cls, dir_or_model, device=None, dtype=None, process_weights: bool = False, **processing) -> "HookedGPT2":
         """Load a Hugging Face ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` (multi-head
         attention): a ``save_pretrained`` directory (e.g. OpenAI's GPT-2 weights already
-        on disk) or a model object.
+        on disk) or a model object. Unprocessed (exactly Hugging Face's numbers) unless
+        ``process_weights=True``, which gives TransformerLens's ``from_pretrained``
+        defaults (see ``from_pretrained``).
 
-        >>> model = HookedGPT2.from_hf("path/to/gpt2")  # doctest: +SKIP
+        >>> model = HookedGPT2.from_hf("path/to/gpt2", process_weights=True)  # doctest: +SKIP
         """
-        return hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
+        model = hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
+        return model.process_weights_(**processing) if process_weights else model
 
     def save_hf(self, path, source=None) -> Path:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` (or, for
         the Llama architecture, ``LlamaForCausalLM``) loads as an exactly equivalent model,
         with GPT-2's tokenizer files for ``pipeline`` and a README.md model card from the run
         beside checkpoint ``source`` (default: the directory this model was loaded from)."""
+        self._check_unprocessed("save_hf")
         return hf_interop.save_hf(self, path, source)
 
+
+def _detached(out):
+    if isinstance(out, tuple):
+        return type(out)(*(t.detach() for t in out))
+    return out.detach() if isinstance(out, Tensor) else out
+
+
+class Output(NamedTuple):
+    """What ``return_type="both"`` returns, as in TransformerLens."""
+
+    logits: Tensor
+    loss: Tensor

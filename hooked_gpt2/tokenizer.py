@@ -104,3 +104,68 @@ def hf_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def tokenizer_sha256() -> str:
     """Identity of the tokenizer, recorded in data manifests."""
     return RANKS_SHA256
+
+
+class GPT2Tokenizer:
+    """GPT-2's tokenizer with what TransformerLens code uses from a Hugging Face one
+    (``bos_token_id``, ``padding_side``, ``tokenizer(texts, return_tensors="pt",
+    padding=True)``, ``decode``, ``batch_decode``), offline; every tiktoken method
+    (``encode_ordinary``, ...) still works. As TransformerLens's ``model.tokenizer``,
+    ``encode`` and calls prepend BOS unless ``add_special_tokens=False``, and treat
+    ``<|endoftext|>`` written in the text as the special token.
+    """
+
+    bos_token_id = eos_token_id = pad_token_id = unk_token_id = EOT_TOKEN
+    bos_token = eos_token = pad_token = unk_token = EOT_TEXT
+    name_or_path = "gpt2"
+    vocab_size = D_VOCAB
+
+    def __init__(self):
+        self.encoding = get_tokenizer()
+        self.padding_side = "right"
+
+    def __getattr__(self, name):  # tiktoken's own methods
+        return getattr(self.encoding, name)
+
+    def __len__(self) -> int:
+        return D_VOCAB
+
+    def encode(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True, **_):
+        ids = ([EOT_TOKEN] if add_special_tokens else []) + self.encoding.encode(text, allowed_special="all")
+        if return_tensors == "pt":
+            import torch
+
+            return torch.tensor([ids])
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False, **_) -> str:
+        ids = [int(i) for i in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
+        if skip_special_tokens:
+            ids = [i for i in ids if i != EOT_TOKEN]
+        return self.encoding.decode(ids)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = False, **_) -> list[str]:
+        return [self.decode(row, skip_special_tokens) for row in rows]
+
+    def __call__(self, text, return_tensors: str | None = None, padding: bool = False, add_special_tokens: bool = True,
+                 **_):
+        import torch
+
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        if not padding:
+            if return_tensors == "pt" and len({len(r) for r in ids}) > 1:
+                raise ValueError("texts of different lengths need padding=True for return_tensors='pt'")
+            rows = ids
+            masks = [[1] * len(r) for r in ids]
+        else:
+            width = max(len(r) for r in ids)
+            pad = lambda r: [EOT_TOKEN] * (width - len(r))  # noqa: E731
+            rows = [r + pad(r) if self.padding_side == "right" else pad(r) + r for r in ids]
+            masks = [[1] * len(r) + [0] * (width - len(r)) if self.padding_side == "right"
+                     else [0] * (width - len(r)) + [1] * len(r) for r in ids]
+        if isinstance(text, str) and return_tensors != "pt":
+            rows, masks = rows[0], masks[0]
+        if return_tensors == "pt":
+            rows, masks = torch.tensor(rows), torch.tensor(masks)
+        return {"input_ids": rows, "attention_mask": masks}

@@ -38,7 +38,8 @@ def reference_forward(model, tokens: torch.Tensor, edits: dict | None = None):
     def layer_norm(prefix, x):
         centred = x - x.mean(-1, keepdim=True)
         scale = point(prefix + "hook_scale", (centred.pow(2).mean(-1, keepdim=True) + cfg.layer_norm_eps).sqrt())
-        return point(prefix + "hook_normalized", centred / scale * w[prefix + "weight"] + w[prefix + "bias"])
+        # hook_normalized before the weight and bias, as TransformerLens >= 3.0 puts it.
+        return point(prefix + "hook_normalized", centred / scale) * w[prefix + "weight"] + w[prefix + "bias"]
 
     batch, n_pos = tokens.shape
     H, dh = cfg.n_heads, cfg.d_head
@@ -80,7 +81,8 @@ def reference_forward(model, tokens: torch.Tensor, edits: dict | None = None):
         post = point(p + "mlp.hook_post", gelu(pre, cfg.act_fn))
         mlp_out = point(p + "hook_mlp_out", post @ w[p + "mlp.fc_out.weight"].T + w[p + "mlp.fc_out.bias"])
         resid = point(p + "hook_resid_post", resid + mlp_out)
-    logits = layer_norm("ln_final.", resid) @ w["unembed.weight"].T
+    final = point("unembed.hook_in", layer_norm("ln_final.", resid))
+    logits = point("unembed.hook_out", final @ w["unembed.weight"].T)
     return logits, acts
 
 

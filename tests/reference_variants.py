@@ -82,11 +82,10 @@ def reference_forward(model, tokens: torch.Tensor, edits: dict | None = None):
         if cfg.norm == "rmsnorm":
             scale = point(prefix + "hook_scale", torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.layer_norm_eps))
             return point(prefix + "hook_normalized", x / scale) * w[prefix + "weight"]
-        # LayerNorm's hooks are GPT-2's, pinned by tests/reference_gpt2.py; test_variants
-        # leaves its hook_normalized out of the comparison (see LAYERNORM_NORMALIZED there).
+        # hook_normalized before the weight and bias, as TransformerLens (>= 3.0) has it.
         centred = x - x.mean(-1, keepdim=True)
         scale = point(prefix + "hook_scale", (centred.pow(2).mean(-1, keepdim=True) + cfg.layer_norm_eps).sqrt())
-        return point(prefix + "hook_normalized", centred / scale * w[prefix + "weight"] + w[prefix + "bias"])
+        return point(prefix + "hook_normalized", centred / scale) * w[prefix + "weight"] + w[prefix + "bias"]
 
     def linear(x, prefix):
         return x @ w[prefix + "weight"].T + w.get(prefix + "bias", 0.0)
@@ -146,5 +145,5 @@ def reference_forward(model, tokens: torch.Tensor, edits: dict | None = None):
             post = point(p + "mlp.hook_post", gelu(pre, cfg.act_fn))
         mlp_out = point(p + "hook_mlp_out", linear(post, p + "mlp.fc_out."))
         resid = point(p + "hook_resid_post", resid + mlp_out)
-    logits = norm("ln_final.", resid) @ w["unembed.weight"].T
+    logits = point("unembed.hook_out", point("unembed.hook_in", norm("ln_final.", resid)) @ w["unembed.weight"].T)
     return logits, acts

@@ -128,12 +128,12 @@ def test_apply_ln_with_position_and_batch_slices_uses_the_matching_scale(cache):
     close(cache.decompose_resid(layer=1, mlp_input=True, apply_ln=True, pos_slice=-2), full[:, :, -2])
     close(cache.decompose_resid(layer=1, mlp_input=True, apply_ln=True, pos_slice=[0, 3]), full[:, :, [0, 3]])
     close(cache.decompose_resid(layer=1, mlp_input=True, apply_ln=True, pos_slice=slice(1, 4)), full[:, :, 1:4])
-    close(cache.apply_ln_to_stack(stack[:, 1:, 2], layer=1, mlp_input=True, pos_slice=2, batch_slice=slice(1, 2)),
+    # As in TransformerLens, batch_slice cuts the stack's batch axis as well as the scale's.
+    close(cache.apply_ln_to_stack(stack[:, :, 2], layer=1, mlp_input=True, pos_slice=2, batch_slice=slice(1, 2)),
           full[:, 1:, 2])
 
 
-@pytest.mark.xfail(reason="TransformerLens 3.3 semantics (ln_final with each component's own statistics); "
-                          "lands with the TransformerLens-compatibility change to hooked_gpt2/cache.py", strict=False)
+# TransformerLens 3.3 semantics: ln_final with each component's own statistics.
 def test_final_accumulated_resid_with_ln_is_ln_final_of_each_stream(model, cache):
     stack = cache.accumulated_resid()
     expected = F.layer_norm(stack, (model.cfg.d_model,), model.ln_final.weight, model.ln_final.bias, 1e-5)
@@ -174,11 +174,12 @@ def test_logit_attrs_with_slices_wrong_tokens_strings_and_no_batch_axis(model, c
     wrongs = torch.randint(0, 100, (BATCH, POS), generator=torch.Generator().manual_seed(10))
     full = cache.logit_attrs(stack, answers, incorrect_tokens=wrongs)
     with torch.no_grad():
-        scaled = normalised_by(stack, cache["blocks.2.hook_resid_post"]) * model.ln_final.weight
+        # As in TransformerLens, the final layer norm's weight is left out (folding puts it in W_U).
+        scaled = normalised_by(stack, cache["blocks.2.hook_resid_post"])
         directions = (model.W_U[:, answers] - model.W_U[:, wrongs]).permute(1, 2, 0)
         close(full, (scaled * directions).sum(-1))
-    close(cache.logit_attrs(stack[:, 1:, -1], answers, incorrect_tokens=wrongs, pos_slice=-1, batch_slice=slice(1, 2)),
-          full[:, 1:, -1])
+    close(cache.logit_attrs(stack[:, :, -1], answers[1:, -1], incorrect_tokens=wrongs[1:, -1], pos_slice=-1,
+                            batch_slice=slice(1, 2)), full[:, 1:, -1])
     close(cache.logit_attrs(stack[:, 0], answers[0], incorrect_tokens=wrongs[0], has_batch_dim=False), full[:, 0])
     # A string answer is its single token's id (GPT-2's tokenizer: "a" is 64, "," is 11).
     close(cache.logit_attrs(stack, "a", incorrect_tokens=","), cache.logit_attrs(stack, 64, incorrect_tokens=11))

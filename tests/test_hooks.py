@@ -35,6 +35,8 @@ def stated_shape(name: str, cfg: GPT2Config) -> tuple[int, ...]:
         r"blocks\.\d+\.attn\.hook_(attn_scores|pattern)": (b, cfg.n_heads, p, p),
         r"blocks\.\d+\.attn\.hook_result": (b, p, cfg.n_heads, cfg.d_model),
         r"blocks\.\d+\.mlp\.hook_(pre|post)": (b, p, cfg.d_mlp),
+        r"unembed\.hook_in": (b, p, cfg.d_model),
+        r"unembed\.hook_out": (b, p, cfg.d_vocab),
     }
     matches = [shape for pattern, shape in table.items() if re.fullmatch(pattern, name)]
     assert len(matches) == 1, f"no stated shape for hook {name}"
@@ -46,13 +48,19 @@ def expected_hook_names(cfg: GPT2Config) -> list[str]:
     for i in range(cfg.n_layers):
         p = f"blocks.{i}."
         names += [p + "hook_resid_pre", p + "ln1.hook_scale", p + "ln1.hook_normalized"]
+        names += [p + f"hook_{n}" for n in ("attn_in", "q_input", "k_input", "v_input")]
         names += [p + f"attn.hook_{n}" for n in ("q", "k", "v", "attn_scores", "pattern", "z", "result")]
         names += [p + "hook_attn_out"]
         if not cfg.attn_only:
-            names += [p + "hook_resid_mid", p + "ln2.hook_scale", p + "ln2.hook_normalized"]
+            names += [p + "hook_resid_mid", p + "hook_mlp_in", p + "ln2.hook_scale", p + "ln2.hook_normalized"]
             names += [p + "mlp.hook_pre", p + "mlp.hook_post", p + "hook_mlp_out"]
         names += [p + "hook_resid_post"]
-    return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    return names + ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
+
+
+# Hooks that fire only with a TransformerLens switch on (set_use_attn_in, ...); a hook
+# attached to hook_result makes it fire regardless.
+SWITCHED = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")
 
 
 def no_hooks_attached(model: HookedGPT2) -> bool:
@@ -69,7 +77,7 @@ def test_every_hook_fires_once_with_its_stated_shape(attn_only, tokens):
         fired.append((hook.name, tuple(activation.shape)))
 
     model.run_with_hooks(tokens, fwd_hooks=[(lambda name: True, record)])
-    assert sorted(name for name, _ in fired) == sorted(model.hook_names())
+    assert sorted(name for name, _ in fired) == sorted(n for n in model.hook_names() if not n.endswith(SWITCHED))
     for name, shape in fired:
         assert shape == stated_shape(name, model.cfg), name
     # hook_names() lists hooks in the order the forward pass reaches them (a residual
@@ -160,7 +168,11 @@ def test_several_hooks_on_one_point_compose_in_order(model, tokens):
 
 
 def test_head_results_summed_plus_output_bias_is_attn_out(model, tokens):
-    _, cache = model.run_with_cache(tokens)
+    model.set_use_attn_result(True)  # hook_result fires (and is cached) only when asked for
+    try:
+        _, cache = model.run_with_cache(tokens)
+    finally:
+        model.set_use_attn_result(False)
     for layer in range(model.cfg.n_layers):
         summed = cache["result", layer].sum(-2) + model.blocks[layer].attn.b_O
         torch.testing.assert_close(summed, cache["attn_out", layer], atol=1e-5, rtol=1e-5)

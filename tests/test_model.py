@@ -241,14 +241,15 @@ def test_per_head_weights_agree_with_the_fused_computation():
     with torch.no_grad():
         for layer, block in enumerate(model.blocks):
             attn, mlp = block.attn, block.mlp
-            x = cache["normalized", layer, "ln1"]
+            x = cache["normalized", layer, "ln1"] * block.ln1.w + block.ln1.b  # hook_normalized precedes w, b
             for short, W, b in (("q", attn.W_Q, attn.b_Q), ("k", attn.W_K, attn.b_K), ("v", attn.W_V, attn.b_V)):
                 per_head = torch.einsum("bpd,hde->bphe", x, W) + b
                 torch.testing.assert_close(per_head, cache[short, layer], atol=1e-5, rtol=1e-5)
             result = torch.einsum("bphe,hed->bphd", cache["z", layer], attn.W_O)
+            cache.compute_head_results()  # hook_result is cached only with set_use_attn_result
             torch.testing.assert_close(result, cache["result", layer], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(result.sum(2) + attn.b_O, cache["attn_out", layer], atol=1e-5, rtol=1e-5)
-            pre = cache["normalized", layer, "ln2"] @ mlp.W_in + mlp.b_in
+            pre = (cache["normalized", layer, "ln2"] * block.ln2.w + block.ln2.b) @ mlp.W_in + mlp.b_in
             torch.testing.assert_close(pre, cache["pre", layer], atol=1e-5, rtol=1e-5)
             out = cache["post", layer] @ mlp.W_out + mlp.b_out
             torch.testing.assert_close(out, cache["mlp_out", layer], atol=1e-5, rtol=1e-5)

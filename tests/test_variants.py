@@ -23,22 +23,22 @@ TOKENS = torch.tensor([[5, 17, 3, 99, 42, 42, 8, 1, 0, 63, 5, 17], [2, 2, 7, 11,
 NAMES = list(VARIANTS)
 
 
-def layernorm_normalized(model, name: str) -> bool:
-    """LayerNorm's hook_normalized is GPT-2's, pinned by tests/reference_gpt2.py (its
-    placement relative to the weight follows TransformerLens there); these tests pin the rest."""
-    return model.cfg.norm == "layernorm" and name.endswith("hook_normalized") and "_norm." not in name
+# Per-head copies of the stream and the MLP's input: these fire only with set_use_attn_in,
+# set_use_split_qkv_input and set_use_hook_mlp_in (as in TransformerLens).
+SWITCHED = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_and_every_cached_activation_match_the_reference(name):
     model = make_variant(name)
     ref_logits, ref_acts = reference_forward(model, TOKENS)
+    model.set_use_attn_result(True)  # so that the cache holds hook_result
     logits, cache = model.run_with_cache(TOKENS)
     torch.testing.assert_close(logits.double(), ref_logits, atol=1e-4, rtol=1e-4)
-    assert set(model.hook_names()) == set(ref_acts)  # no hook missing, none extra
+    default_hooks = {n for n in model.hook_names() if not n.endswith(SWITCHED)}
+    assert default_hooks == set(ref_acts)  # no hook missing, none extra
     for hook, expected in ref_acts.items():
-        if not layernorm_normalized(model, hook):
-            torch.testing.assert_close(cache[hook].double(), expected, atol=1e-4, rtol=1e-4, msg=hook)
+        torch.testing.assert_close(cache[hook].double(), expected, atol=1e-4, rtol=1e-4, msg=hook)
 
 
 def test_the_new_hooks_have_transformer_lens_names():
@@ -189,12 +189,13 @@ def test_a_checkpoint_from_before_the_variants_loads_as_gpt2(tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_decomposition_and_final_norm_recover_the_logits(name):
     """The residual stream's components, each through the final norm (apply_ln_to_stack,
-    which must not centre for RMSNorm), sum to the unembedded final norm's output."""
+    which must not centre for RMSNorm and, as in TransformerLens, leaves the norm's weight
+    and bias out), sum to the unembedded final norm's output."""
     model = make_variant(name)
     logits, cache = model.run_with_cache(TOKENS)
     stack = cache.decompose_resid(apply_ln=True)
     bias = getattr(model.ln_final, "bias", None)
-    summed = stack.sum(0) + (0 if bias is None else bias)
+    summed = stack.sum(0) * model.ln_final.w.detach() + (0 if bias is None else bias)
     torch.testing.assert_close(summed @ model.W_U, logits, atol=1e-4, rtol=1e-4)
     resid_stack, _ = residual_stack(model, cache, "post")
     torch.testing.assert_close(layer_logits(model, resid_stack[-1]), logits, atol=1e-4, rtol=1e-4)
@@ -229,3 +230,15 @@ def test_bf16_autocast_runs_the_variants_close_to_fp32(name):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model.loss(TOKENS)
         assert float(low) == pytest.approx(float(model.loss(TOKENS)), abs=0.05)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weight_processing_keeps_the_log_probs(name):
+    """fold_ln (RMSNorm included), centring where it applies and fold_value_biases leave
+    every variant computing the same log-probs; RMSNorm models become RMSNormPre."""
+    model = make_variant(name)
+    with torch.no_grad():
+        before = model(TOKENS).log_softmax(-1)
+        model.process_weights_()
+        torch.testing.assert_close(model(TOKENS).log_softmax(-1), before, atol=1e-4, rtol=1e-4)
+    assert model.cfg.normalization_type == ("RMSPre" if model.cfg.norm == "rmsnorm" else "LNPre")
