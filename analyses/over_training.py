@@ -94,8 +94,7 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
     logged = logged_val_losses(run_dir)
     options = {"icl_seq_len": icl_seq_len, "icl_batch": icl_batch, "seed": seed, "ablation_method": ablation_method,
                "probe_top": probe_top}
-    val = ValidationData(config, device)
-    val.probes = Probes(config, top=probe_top)
+    val = ValidationData(config, device, probe_top)
     options["probe_tokens"] = val.probes.description
     notes = [] if val.batches is not None or "val_loss" not in metrics else [val.why_missing]
     if "icl_text" in metrics and val.probes.windows is None:
@@ -143,11 +142,13 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
 
 
 class ValidationData:
-    """The run's fixed validation batches, or why there are none (a run without data), and
-    the autocast of the run's precision on the device the analysis runs on."""
+    """The run's fixed validation batches, or why there are none (a run without data), the
+    autocast of the run's precision on the device the analysis runs on, and the probes drawn
+    from the run's ``probe_top`` most frequent training tokens."""
 
-    def __init__(self, config: dict, device: torch.device):
+    def __init__(self, config: dict, device: torch.device, probe_top: int = 1000):
         self.batches, self.autocast, self.why_missing, self.identity = None, None, None, None
+        self.probes = Probes(config, top=probe_top)
         data = config.get("data")
         if not data or not (Path(data) / "manifest.json").is_file():
             self.why_missing = (f"validation loss skipped: the run's data ({data or 'none in config.json'}) is not "

@@ -179,8 +179,7 @@ def test_recomputed_losses_autocast_on_the_analysis_device_and_cache_by_device(l
         autocast = val.autocast()
         assert (autocast.device, autocast.fast_dtype) == (device, torch.bfloat16), "the run's bf16, on this device"
     options = {"icl_seq_len": 8, "icl_batch": 2, "seed": 0, "ablation_method": "mean"}
-    val = ot.ValidationData(config, torch.device("cpu"))
-    val.probes = ot.Probes(config, top=100)
+    val = ot.ValidationData(config, torch.device("cpu"), probe_top=100)
     for metric in ot.METRICS:
         assert ot._key(metric, options, val, torch.device("cpu")) != ot._key(metric, options, val, torch.device("cuda"))
         assert ot._key(metric, options, val, torch.device("cuda:0")) == ot._key(metric, options, val, torch.device("cuda:1"))
