@@ -1,6 +1,6 @@
 """Evaluate models beyond training loss: ``python -m analyses.evaluate --help``.
 
-    python -m analyses.evaluate runs/demo/checkpoints/step_0000500 path/to/gpt2 --data data/python-stdlib
+    python -m analyses.evaluate runs/demo/checkpoints/step_0003000 path/to/gpt2 --data data/python-stdlib
     python -m analyses.evaluate MODEL [MODEL ...] --data DIR --hellaswag hellaswag_val.jsonl --out eval.json
 
 Each MODEL is one of our checkpoints, a ``save_hf`` export, or OpenAI's GPT-2 in a

@@ -67,14 +67,16 @@ CROSSING = 0.5  # the induction score at which we say an induction head has form
 
 
 def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: int = 8, seed: int = 0,
-                  ablation_method: str = "mean", probe_top: int = 1000, device: str = "auto", log=print) -> dict:
+                  ablation_method: str = "mean", probe_top: int | None = None, device: str = "auto", log=print) -> dict:
     """Every requested metric for every checkpoint of ``run_dir`` (cached per checkpoint).
 
     Returns ``{"run_dir", "metrics", "options", "notes", "checkpoints": [{"step",
     "tokens_seen", "val_loss", "logged_val_loss", "icl", "heads", "logit_lens",
     "ablation", "icl_text", "composition"}], "crossing", "formation"}``; per-head values are
     ``[layer][head]`` lists. ``probe_top``: draw the random probe tokens from the run's
-    ``probe_top`` most frequent training tokens (0 or a run without data: every id).
+    ``probe_top`` most frequent training tokens (0 or a run without data: every id; None:
+    the tokens its repeated spans were drawn from, ``repeat_vocab``, for a run trained with
+    ``--repeat-fraction``, else 1,000).
 
     >>> results = over_training("runs/demo", metrics=["icl", "heads"])  # doctest: +SKIP
     """
@@ -92,6 +94,8 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
     config = rundir.read_config(run_dir) if rundir.has_config(run_dir) else {}
     device = resolve_device(device)
     logged = logged_val_losses(run_dir)
+    if probe_top is None:
+        probe_top = default_probe_top(config)
     options = {"icl_seq_len": icl_seq_len, "icl_batch": icl_batch, "seed": seed, "ablation_method": ablation_method,
                "probe_top": probe_top}
     val = ValidationData(config, device, probe_top)
@@ -139,6 +143,14 @@ def over_training(run_dir, metrics=None, *, icl_seq_len: int = 20, icl_batch: in
     if "heads" in metrics:
         results["formation"] = formation(rows, dict(checkpoints), options, val.probes, device)
     return results
+
+
+def default_probe_top(config: dict) -> int:
+    """How many of the run's most frequent training tokens the probes draw from: the ones
+    its repeated spans were made of when it trained on them, else 1,000."""
+    if config.get("repeat_fraction"):
+        return int(config["repeat_vocab"])
+    return 1000
 
 
 class ValidationData:
@@ -205,13 +217,18 @@ def probe_tokens(model, options: dict, probes: Probes):
 
 
 def induction_crossing(rows: list[dict], threshold: float = CROSSING) -> dict | None:
-    """The first checkpoint whose best head's induction score is at least ``threshold``."""
+    """The first checkpoint whose best head's induction score is at least ``threshold``.
+    Layer 0 counts only in a one-layer model: a layer-0 head has no earlier head to learn
+    the previous token from, so its "induction" score on the probe is a fixed-offset
+    coincidence (``docs/induction-recipe.md``), not the circuit."""
     for row in rows:
         scores = torch.tensor(row["heads"]["induction"])
-        best = float(scores.max())
+        first_layer = 1 if scores.shape[0] > 1 else 0
+        best = float(scores[first_layer:].max())
         if best >= threshold:
-            layer, head = divmod(int(scores.argmax()), scores.shape[1])
-            return {"step": row["step"], "tokens_seen": row["tokens_seen"], "head": [layer, head], "score": best}
+            layer, head = divmod(int(scores[first_layer:].argmax()), scores.shape[1])
+            return {"step": row["step"], "tokens_seen": row["tokens_seen"], "head": [layer + first_layer, head],
+                    "score": best}
     return None
 
 
@@ -497,8 +514,9 @@ def main(argv=None) -> int:
     p.add_argument("--icl-seq-len", type=int, default=20, help="length of each random sequence that is repeated")
     p.add_argument("--icl-batch", type=int, default=8, help="number of repeated random sequences")
     p.add_argument("--seed", type=int, default=0, help="seed for the random sequences (fixed across checkpoints)")
-    p.add_argument("--probe-top", type=int, default=1000,
-                   help="draw the random probe tokens from the run's N most frequent training tokens (0: every id)")
+    p.add_argument("--probe-top", type=int, default=None,
+                   help="draw the random probe tokens from the run's N most frequent training tokens (0: every id; "
+                   "default: its --repeat-vocab if it trained on repeated spans, else 1000)")
     p.add_argument("--ablation-method", default="mean", choices=["zero", "mean", "resample"], help="how heads are ablated")
     p.add_argument("--device", default="auto", help=cli.DEVICE_HELP)
     args = p.parse_args(argv)

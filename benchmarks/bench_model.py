@@ -10,7 +10,7 @@
    actually cached.
 4. Greedy generation of 256 tokens with the KV cache against transformers' generate
    (target >= 1.5x tokens/s) and against recomputing the whole prefix (target >= 5x);
-   on this model at batch 1 and 4, and on the demo preset's shape. The demo's 2-layer
+   on this model at batch 1 and 4, and on the mini preset's shape. mini's 2-layer
    d_model 128 model over at most 256 positions costs little more to recompute than its
    50257-row unembedding, which both ways pay once per token: no cache can be 5x there.
 5. Architecture variants: inference forward of each (rotary, RMSNorm, SwiGLU at about
@@ -153,19 +153,19 @@ def main() -> None:
     if 5 in only:
         measure_variants(cfg, x, args.repeats)
 
-    # 4. Greedy generation, on this model (batch 1 and 4) and on the demo's shape, where
+    # 4. Greedy generation, on this model (batch 1 and 4) and on the mini preset's shape, where
     # the per-step overhead around the matrix products matters more.
     if 4 not in only:
         return
-    print("4. greedy generation of 256 new tokens (240 for the demo's 256-position context) after 16:")
+    print("4. greedy generation of 256 new tokens (240 for mini's 256-position context) after 16:")
     measure_generation("8 layers, d_model 512, batch 1", model, hf, tokens[:1, :16], args.repeats)
     measure_generation("8 layers, d_model 512, batch 4", model, hf, tokens[:, :16], args.repeats)
     torch.manual_seed(0)
-    demo = HookedGPT2(GPT2Config.preset("demo")).eval()
+    demo = HookedGPT2(GPT2Config.preset("mini")).eval()
     demo_dir = Path(tempfile.mkdtemp())
     demo.save_hf(demo_dir)
     demo_hf = transformers.GPT2LMHeadModel.from_pretrained(demo_dir).eval()
-    measure_generation("demo preset (2 layers, d_model 128), batch 1", demo, demo_hf, tokens[:1, :16], args.repeats)
+    measure_generation("mini preset (2 layers, d_model 128), batch 1", demo, demo_hf, tokens[:1, :16], args.repeats)
 
 
 VARIANTS = {

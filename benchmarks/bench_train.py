@@ -5,7 +5,7 @@ autocast) on the same batches, from the same weights; steps alternate between th
 drift in the machine's speed (other processes, thermal) hits both alike. MFU divides the
 model FLOPs (PaLM's 6N + attention) by the square-matmul peak measured in this run.
 
-    python benchmarks/bench_train.py                 # demo shape, fp32 and bf16
+    python benchmarks/bench_train.py                 # mini shape (the studies'), fp32 and bf16
     python benchmarks/bench_train.py --preset tiny --steps 10 --precisions bf16
 """
 
@@ -86,7 +86,7 @@ def bench(precision: str, args) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="demo", help="model shape (the reference needs an MLP, tied embeddings, no dropout)")
+    p.add_argument("--preset", default="mini", help="model shape (the reference needs an MLP, tied embeddings, no dropout)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences of n_ctx tokens per step")
     p.add_argument("--steps", type=int, default=8, help="timed steps per model (alternating)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],

@@ -33,7 +33,7 @@ class RefBlock(nn.Module):
 class RefGPT2(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        assert not cfg.attn_only and cfg.dropout == 0 and cfg.tie_embeddings, "the reference covers the demo's shape"
+        assert not cfg.attn_only and cfg.dropout == 0 and cfg.tie_embeddings, "the reference covers the mini preset's shape"
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
         self.blocks = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.n_layers))

@@ -3,16 +3,19 @@
 A model predicts the second occurrence of a span by attending to what followed the
 first: an induction head. Natural text repeats too rarely for a small run to learn
 this within minutes (Bi-Induct, arXiv 2509.22947, and ``docs/induction-recipe.md``), so
-``RepeatedSpans`` replaces a stated fraction of a loader's rows with a span of
-up to ``span`` tokens drawn from the corpus's own most frequent tokens, written out again and
-again to fill the row. Span lengths vary (uniform from 2 to ``span``) so that no fixed
-offset predicts the repeat: only attending to what followed the current token's last
-occurrence does. The tokens come from the training split's distribution (not
+``RepeatedSpans`` starts a stated fraction of a loader's rows with a span of distinct
+tokens drawn from the corpus's own most frequent tokens, written twice, after which the
+row's natural text goes on: ``[r_1..r_L, r_1..r_L, natural...]``. Span lengths vary
+(uniform from ``span // 2`` to ``span``) so that no fixed offset predicts the repeat: only
+attending to what followed the current token's earlier occurrence does. (Writing the span
+again and again to fill the row, as this module first did, lets a model with rotary
+positions learn one fixed-offset copying head per period instead; the experiments are in
+``docs/induction-recipe.md``.) The tokens come from the training split's distribution (not
 from all 50,257 ids, most of which a small corpus never shows the model).
 
-    loader = RepeatedSpans(BatchLoader(TokenDataset(data, "train"), 16, 128), fraction=0.5,
-                           vocab=frequent_tokens(TokenDataset(data, "train"), 2000), seed=0)
-    batch = loader.next_batch()  # half its rows are [r_1..r_L, r_1..r_L, ...]
+    loader = RepeatedSpans(BatchLoader(TokenDataset(data, "train"), 32, 32), fraction=0.75,
+                           vocab=frequent_tokens(TokenDataset(data, "train"), 256), span=16, seed=0)
+    batch = loader.next_batch()  # three rows in four are [r_1..r_L, r_1..r_L, natural text...]
 
 The choice of rows and tokens is a function of the seed and the loader's position, so a
 resumed run sees exactly the batches it would have seen.
@@ -41,14 +44,18 @@ def frequent_tokens(dataset: TokenDataset, k: int) -> Int[Tensor, " k"]:
 
 
 class RepeatedSpans:
-    """A ``BatchLoader`` whose rows are, with probability ``fraction`` each, a span of 2 to
-    ``span`` tokens (length uniform) drawn without replacement from ``vocab``, repeated to fill the row."""
+    """A ``BatchLoader`` whose rows start, with probability ``fraction`` each, with a span of
+    ``span // 2`` to ``span`` tokens (length uniform) drawn without replacement from ``vocab``,
+    written twice; the rest of the row is the loader's text."""
 
     def __init__(self, loader: BatchLoader, fraction: float, vocab: Int[Tensor, " n"], span: int, seed: int):
         if not 0 <= fraction <= 1:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         if not 2 <= span <= len(vocab):
             raise ValueError(f"span must be in [2, {len(vocab)}] (distinct tokens from vocab), got {span}")
+        if 2 * span > loader.seq_len + 1:
+            raise ValueError(f"span {span} written twice does not fit a row of {loader.seq_len + 1} tokens; "
+                             f"use a span of at most {(loader.seq_len + 1) // 2}")
         self.loader, self.fraction, self.vocab, self.span, self.seed = loader, fraction, vocab, span, seed
 
     def next_batch(self) -> Int[Tensor, "batch pos"]:
@@ -56,9 +63,10 @@ class RepeatedSpans:
         batch = self.loader.next_batch()
         n_rows, width = batch.shape
         for row in np.flatnonzero(rng.random(n_rows) < self.fraction):
-            length = int(rng.integers(2, self.span + 1))
+            length = int(rng.integers(max(2, self.span // 2), self.span + 1))
             span = self.vocab[torch.from_numpy(rng.permutation(len(self.vocab))[:length])]
-            batch[row] = span.repeat(-(-width // length))[:width]
+            batch[row, :length] = span
+            batch[row, length : 2 * length] = span
         return batch
 
     def state_dict(self) -> dict:

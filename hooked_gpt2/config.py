@@ -32,13 +32,20 @@ PRESETS: dict[str, dict] = {
     "gpt2-xl": dict(n_layers=48, d_model=1600, n_heads=25, dropout=0.1),
     # Small presets that train on a laptop CPU. On a CPU a GPT-2-vocabulary model's cost is
     # dominated by the 50k-token unembedding, so these stay narrow and short.
-    # demo: measured on 2 CPU cores, where the 50k-token unembedding and its softmax cost the
-    # same per token whatever the width; d_model 128 with bf16 autocast trains ~2x faster
-    # per token than 256, which buys the demo its steps (see training/README.md).
-    "demo": dict(n_layers=2, d_model=128, n_heads=4, n_ctx=256),
+    # demo: the README's main job, the model in which an induction head forms on 2 CPU cores
+    # (docs/induction-recipe.md): Olsson et al.'s two-layer attention-only transformer, with
+    # rotary positions (with learned ones it finds positional shortcuts instead) and a short
+    # context. At this size the 50k-token unembedding is nearly the whole cost of a step,
+    # so width is almost free and tokens are what cost.
+    "demo": dict(n_layers=2, d_model=64, n_heads=4, n_ctx=32, attn_only=True, positional="rotary",
+                 tie_embeddings=False),
+    # mini: a GPT-2 (MLPs, learned positions, tied embeddings) that trains on a CPU, the
+    # scale of the CPU studies: d_model 128 with bf16 autocast trains ~2x faster per token
+    # than 256 on 2 cores (see training/README.md).
+    "mini": dict(n_layers=2, d_model=128, n_heads=4, n_ctx=256),
     "tiny": dict(n_layers=2, d_model=128, n_heads=4, n_ctx=128),
     "attn-only-2l": dict(n_layers=2, d_model=256, n_heads=8, n_ctx=256, attn_only=True),
-    # The demo's shape with the Llama architecture: RMSNorm, rotary positions, SwiGLU, no
+    # mini's shape with the Llama architecture: RMSNorm, rotary positions, SwiGLU, no
     # biases, untied embeddings. d_mlp 344 (about 8/3 d_model, as Llama) gives SwiGLU's
     # three matrices the parameters of GPT-2's two at 4 d_model.
     "llama-style": dict(

@@ -19,7 +19,7 @@ def test_each_variant_changes_its_architecture_fields_only():
     study = load_study(STUDY)
     variants = {name: TrainConfig.from_dict(v["config"]).model_config() for name, v in study["variants"].items()}
     baseline = variants["baseline"]
-    assert baseline == GPT2Config.preset("demo")  # GPT-2 at the demo's scale
+    assert baseline == GPT2Config.preset("mini")  # GPT-2 at the CPU studies' scale
     changed = {
         name: {f.name for f in dataclasses.fields(GPT2Config) if getattr(cfg, f.name) != getattr(baseline, f.name)}
         for name, cfg in variants.items()

@@ -107,17 +107,21 @@ def test_repeated_spans_replace_the_stated_fraction_with_repeats(train_split):
     vocab = frequent_tokens(train_split, 100)
     plain = BatchLoader(train_split, 64, 32)
     loader = RepeatedSpans(BatchLoader(train_split, 64, 32), 0.5, vocab, span=8, seed=3)
-    n_repeated = 0
+    n_repeated, lengths = 0, set()
     for _ in range(5):
         original, batch = plain.next_batch(), loader.next_batch()
         for row, orig in zip(batch, original):
             if torch.equal(row, orig):
                 continue
             n_repeated += 1
-            period = next(p for p in range(2, 9) if torch.equal(row[p:], row[:-p]))
-            span = row[:period]
-            assert len(set(span.tolist())) == period and set(span.tolist()) <= set(vocab.tolist())
+            # [span, span, the row's own text from there on], the span 4 to 8 distinct frequent tokens.
+            length = next(n for n in range(4, 9) if torch.equal(row[:n], row[n : 2 * n])
+                          and len(set(row[:n].tolist())) == n)
+            assert set(row[:length].tolist()) <= set(vocab.tolist())
+            assert torch.equal(row[2 * length :], orig[2 * length :])
+            lengths.add(length)
     assert 0.35 < n_repeated / 320 < 0.65
+    assert lengths == set(range(4, 9))  # every length from span // 2 to span occurs
     # The same seed and position give the same batches: a resumed run sees what it would have.
     state = loader.state_dict()
     after = loader.next_batch()

@@ -190,3 +190,22 @@ def test_the_analyses_default_to_the_device_training_uses():
 
     assert cli.parser("x").parse_args(["--checkpoint", "c", "--out", "o"]).device == "auto"
     assert ot.over_training.__kwdefaults__["device"] == "auto"
+
+
+def test_probes_draw_from_the_tokens_the_run_repeated():
+    """A run trained on repeated spans is probed with the tokens its spans were made of;
+    any other run with its 1,000 most frequent tokens; an explicit --probe-top wins."""
+    assert ot.default_probe_top({"repeat_fraction": 0.75, "repeat_vocab": 256}) == 256
+    assert ot.default_probe_top({"repeat_fraction": 0.0, "repeat_vocab": 256}) == 1000
+    assert ot.default_probe_top({}) == 1000
+
+
+def test_the_crossing_ignores_layer_0_in_a_deeper_model():
+    """A layer-0 head cannot read the previous token from an earlier head, so its induction
+    score on the probe is a fixed-offset coincidence: the crossing waits for layer 1."""
+    rows = [{"step": 0, "tokens_seen": 0, "heads": {"induction": [[0.9, 0.1], [0.2, 0.3]]}},
+            {"step": 10, "tokens_seen": 100, "heads": {"induction": [[0.95, 0.1], [0.6, 0.3]]}}]
+    crossing = ot.induction_crossing(rows)
+    assert (crossing["step"], crossing["head"]) == (10, [1, 0]) and crossing["score"] == pytest.approx(0.6)
+    one_layer = [{"step": 0, "tokens_seen": 0, "heads": {"induction": [[0.2, 0.7]]}}]
+    assert ot.induction_crossing(one_layer)["head"] == [0, 1]

@@ -193,7 +193,7 @@ def test_circuits_study_has_the_seven_interventions_with_three_seeds_of_both_noi
     assert study["seeds"] == [0, 1, 2] and study["vary"] == "both"
     variants = study["variants"]
     base = variants["baseline"]["config"]
-    assert base["preset"] == "demo"
+    assert base["preset"] == "mini"
     assert {k: base["model"][k] for k in ("dropout", "qkv_bias", "tie_embeddings")} == \
         {"dropout": 0.1, "qkv_bias": False, "tie_embeddings": False}
     assert (base["grad_clip"], base["weight_decay"], base["schedule"], base["precision"]) == (None, 0.1, "constant", "bf16")

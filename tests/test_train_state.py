@@ -137,7 +137,7 @@ def test_resume_refuses_changed_settings_in_one_line(shakespeare_data, tmp_path,
 
 def test_logged_learning_rate_follows_the_schedule_formula(shakespeare_data, tmp_path):
     lr, min_lr, warmup, max_steps = 3e-3, 3e-4, 2, 7
-    run = train(small_cfg(shakespeare_data, tmp_path / "run", max_steps=max_steps))
+    run = train(small_cfg(shakespeare_data, tmp_path / "run", max_steps=max_steps, schedule="cosine"))
     logged = rows(run)[1:]
     assert len(logged) == max_steps
     for row in logged:  # row s logs the rate of the update from step s - 1 to s
@@ -199,11 +199,13 @@ def test_the_demo_shape_in_the_readme_is_train_configs_defaults():
     mcfg: GPT2Config = cfg.model_config()
     seq_len = cfg.seq_len or mcfg.n_ctx
     step_tokens = cfg.global_batch_tokens or cfg.batch_size * seq_len
-    demo = re.search(r"The demo trains a (\d+)-layer GPT-2 \(d_model (\d+), (\d+) heads, (\d+) positions, (\w+)\) "
-                     r"for ([\d,]+) steps of ([\d,]+) tokens, about ([\d.]+)M tokens", text)
+    demo = re.search(r"The demo trains a (\d+)-layer attention-only transformer \(d_model (\d+), (\d+) heads, (\d+) "
+                     r"positions, (\w+) positions, (\w+)\) for ([\d,]+) steps of ([\d,]+) tokens, about ([\d.]+)M tokens, "
+                     r"in which ([\d.]+) of the sequences start with a repeated span", text)
     assert demo, "README.md no longer states the demo's shape in the expected sentence; update this test with it"
-    n_layers, d_model, n_heads, n_ctx, precision, steps, tokens, millions = demo.groups()
+    n_layers, d_model, n_heads, n_ctx, positional, precision, steps, tokens, millions, repeats = demo.groups()
     assert (int(n_layers), int(d_model), int(n_heads), int(n_ctx)) == (mcfg.n_layers, mcfg.d_model, mcfg.n_heads, mcfg.n_ctx)
+    assert mcfg.attn_only and positional == mcfg.positional and float(repeats) == cfg.repeat_fraction
     assert precision == resolve_precision(cfg.precision, torch.device("cpu"))  # the main job runs on the CPU
     assert int(steps.replace(",", "")) == cfg.max_steps and int(tokens.replace(",", "")) == step_tokens
     assert float(millions) == pytest.approx(cfg.max_steps * step_tokens / 1e6, rel=0.1)

@@ -131,9 +131,9 @@ def test_n_params_counts_the_variants_parameters(name):
     assert model.n_params() == sum(p.numel() for p in model.parameters())  # a tied matrix once
 
 
-def test_presets_llama_style_next_to_demo():
-    assert list(PRESETS).index("llama-style") > list(PRESETS).index("demo")
-    llama, demo = GPT2Config.preset("llama-style"), GPT2Config.preset("demo")
+def test_presets_llama_style_next_to_mini():
+    assert list(PRESETS).index("llama-style") > list(PRESETS).index("mini")
+    llama, demo = GPT2Config.preset("llama-style"), GPT2Config.preset("mini")
     assert (llama.positional, llama.norm, llama.mlp, llama.tie_embeddings) == ("rotary", "rmsnorm", "swiglu", False)
     assert not (llama.qkv_bias or llama.attn_bias or llama.mlp_bias or llama.qk_norm)
     assert (llama.n_layers, llama.d_model, llama.n_heads, llama.n_ctx) == (demo.n_layers, demo.d_model, demo.n_heads, demo.n_ctx)

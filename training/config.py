@@ -35,6 +35,11 @@ def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
+# The demo's induction recipe (docs/induction-recipe.md): three training sequences in four
+# start with a repeated span; every other preset trains on its data as it is.
+DEMO_REPEAT_FRACTION = 0.75
+
+
 @dataclass
 class TrainConfig:
     """A training run. The defaults train the ``demo`` preset (see the README)."""
@@ -53,28 +58,31 @@ class TrainConfig:
         "seed of a shuffled order of the training sequences (resumable); default the stream in order", default=None
     )
     # Repeated spans (data_prep.repeats): the data that makes induction heads form quickly.
-    repeat_fraction: float = _help(
-        "fraction of training sequences replaced by a span of random tokens repeated to fill the sequence "
-        "(0 = natural text only); the tokens come from the training split's most frequent ones", default=0.0)
+    repeat_fraction: float | None = _help(
+        "fraction of training sequences that start with a span of random tokens written twice, then go on "
+        "with natural text (0 = natural text only); the tokens come from the training split's most frequent "
+        f"ones. Default: {DEMO_REPEAT_FRACTION} for the demo preset (its induction recipe), 0 for every other",
+        default=None)
     repeat_vocab: int = _help("the repeated spans draw their tokens from this many most frequent training tokens",
-                              default=2000)
-    repeat_span: int = _help("longest repeated span, in tokens (lengths are uniform from 2 to this)", default=32)
+                              default=256)
+    repeat_span: int = _help("longest repeated span, in tokens (lengths are uniform from half this to this)",
+                             default=16)
     # Batch: each optimizer step sees global_batch_tokens tokens, in micro-batches of
     # batch_size sequences per process, accumulated as needed.
-    batch_size: int = _help("micro-batch size per process, in sequences", default=8)
+    batch_size: int = _help("micro-batch size per process, in sequences", default=32)
     seq_len: int | None = _help("tokens per training sequence; default the model's n_ctx", default=None)
     global_batch_tokens: int | None = _help(
         "tokens per optimizer step over all processes and accumulation steps; "
         "default one micro-batch per process (no accumulation)",
         default=None,
     )
-    max_steps: int | None = _help("optimizer steps to train for (or give --max-tokens)", default=500)
+    max_steps: int | None = _help("optimizer steps to train for (or give --max-tokens)", default=3000)
     max_tokens: int | None = _help("token budget; sets max_steps = ceil(max_tokens / global_batch_tokens), at least 1", default=None)
     # Optimizer and schedule.
     lr: float = _help("peak learning rate", default=3e-3)
     min_lr: float = _help("learning rate at the end of the decay", default=3e-4)
-    warmup_steps: int = _help("linear warm-up steps from 0 to --lr", default=20)
-    schedule: str = _help("after warm-up: cosine or linear decay to --min-lr, or constant", default="cosine")
+    warmup_steps: int = _help("linear warm-up steps from 0 to --lr", default=30)
+    schedule: str = _help("after warm-up: cosine or linear decay to --min-lr, or constant", default="constant")
     weight_decay: float = _help("AdamW decoupled weight decay on matrices (0 = off)", default=0.1)
     beta1: float = _help("AdamW beta1", default=0.9)
     beta2: float = _help("AdamW beta2", default=0.95)
@@ -88,17 +96,17 @@ class TrainConfig:
     device: str = _help("auto (CUDA if available), cpu, cuda or cuda:N", default="auto")
     ddp_timeout_s: int = _help("seconds a process waits on the others before the run fails", default=600)
     # Evaluation, logging, checkpoints.
-    eval_every: int = _help("steps between validation-loss evaluations (also at step 0 and the end)", default=25)
+    eval_every: int = _help("steps between validation-loss evaluations (also at step 0 and the end)", default=100)
     eval_batches: int = _help("fixed validation batches per evaluation", default=4)
     eval_batch_size: int = _help("sequences per validation batch (independent of the training batch, "
                                  "so runs with different batch layouts compare)", default=8)
     log_every: int = _help("steps between metrics.jsonl rows", default=5)
-    sample_tokens: int = _help("tokens per sampled generation at each evaluation (0 = none)", default=48)
-    sample_every: int = _help("steps between sampled generations (also at step 0 and the end)", default=100)
+    sample_tokens: int = _help("tokens per sampled generation at each evaluation (0 = none)", default=24)
+    sample_every: int = _help("steps between sampled generations (also at step 0 and the end)", default=500)
     sample_prompts: list = _help(
         "prompts for the sampled generations", default_factory=lambda: ["def ", "import os\n"]
     )
-    ckpt_every: int = _help("steps between checkpoints after the log-spaced ones", default=50)
+    ckpt_every: int = _help("steps between checkpoints after the log-spaced ones", default=100)
     ckpt_log_spaced: bool = _help("also checkpoint at steps 1, 2, 4, 8, ... below --ckpt-every", default=True)
     keep_resume: int = _help("keep optimizer/data/RNG resume state in this many latest checkpoints", default=1)
     progress: bool = _help("show a progress bar", default=True)
@@ -107,6 +115,8 @@ class TrainConfig:
                                      "default measured (CPU) or looked up (GPU)", default=None)
 
     def __post_init__(self):
+        if self.repeat_fraction is None:  # the preset's own: config.json records the number
+            self.repeat_fraction = DEMO_REPEAT_FRACTION if self.preset == "demo" else 0.0
         self.validate()
 
     def model_config(self) -> GPT2Config:
@@ -149,6 +159,13 @@ class TrainConfig:
         if not (isinstance(self.repeat_span, int) and 2 <= self.repeat_span <= self.repeat_vocab):
             raise ConfigError(f"repeat_span must be an integer from 2 to repeat_vocab ({self.repeat_vocab}), "
                               f"got {self.repeat_span!r}")
+        if self.repeat_fraction > 0 and 2 * self.repeat_span > self.resolved_seq_len() + 1:
+            raise ConfigError(f"repeat_span {self.repeat_span} written twice does not fit a sequence of "
+                              f"{self.resolved_seq_len()} tokens; use --repeat-span {(self.resolved_seq_len() + 1) // 2} "
+                              f"or less")
+        if self.sample_tokens >= mcfg.n_ctx:
+            raise ConfigError(f"sample_tokens {self.sample_tokens} leaves no room for a prompt in the model's "
+                              f"{mcfg.n_ctx}-token context; use --sample-tokens {mcfg.n_ctx // 2} or fewer")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.keep_resume < 1 or self.sample_tokens < 0:
             raise ConfigError("warmup_steps, weight_decay and sample_tokens must be >= 0, keep_resume >= 1")
 

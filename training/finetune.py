@@ -1,6 +1,6 @@
 """Supervised instruction fine-tuning: ``python -m training.finetune --help``.
 
-    python -m training.finetune --init runs/demo/checkpoints/step_0000500 --data alpaca.json --out runs/demo-sft
+    python -m training.finetune --init runs/demo/checkpoints/step_0003000 --data alpaca.json --out runs/demo-sft
     python -m training.finetune --init path/to/gpt2 --data alpaca_data.json --out runs/gpt2-sft --lr 5e-5
     torchrun --nproc_per_node 8 -m training.finetune --init ... --data ... --out ...
     python -m training.finetune --out runs/demo-sft --resume      # continue after an interrupt

@@ -213,7 +213,7 @@ def make_optimizer(model: HookedGPT2, cfg: TrainConfig, device: torch.device) ->
         "every parameter must be in exactly one optimizer group"
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def eval_and_sample(model, val_batches, setup: Setup, log, step, final=False) -> float:
