@@ -483,17 +483,27 @@ def _crossing_text(crossing) -> str:
 def _log_x(tokens_seen: list[int]) -> tuple[list[float], str]:
     positive = [t for t in tokens_seen if t and t > 0]
     if len(positive) == len(tokens_seen):
-        return tokens_seen, "x axis: tokens seen, log scale."
+        return tokens_seen, "x axis: tokens seen, log scale (the buttons above each plot switch it to linear)."
     floor = min(positive) / 2 if positive else 1
     return [t if t and t > 0 else floor for t in tokens_seen], \
-        f"x axis: tokens seen, log scale; step 0 is drawn at {floor:g} tokens."
+        f"x axis: tokens seen, log scale (the buttons above each plot switch it to linear); step 0 is drawn at " \
+        f"{floor:g} tokens."
 
 
 def _lines(x, series: dict, title: str, ylabel: str) -> go.Figure:
     fig = go.Figure([go.Scatter(x=x, y=y, mode="lines+markers", name=name) for name, y in series.items()])
-    fig.update_layout(title=title, xaxis_title="tokens seen", yaxis_title=ylabel, height=420)
+    fig.update_layout(title=title, xaxis_title="tokens seen", yaxis_title=ylabel, height=420,
+                      updatemenus=[X_SCALE_BUTTONS])
     fig.update_xaxes(type="log")
     return fig
+
+
+# Log tokens show the early checkpoints; a phase change late in a run (the demo's, at about
+# 2.5M of its 3.1M tokens) spreads out on a linear axis. One click switches.
+X_SCALE_BUTTONS = dict(
+    type="buttons", direction="left", x=1, xanchor="right", y=1.18, yanchor="top", showactive=True,
+    buttons=[dict(label=f"{scale} x", method="relayout", args=[{"xaxis.type": scale, "xaxis.autorange": True}])
+             for scale in ("log", "linear")])
 
 
 def _flat(per_head: list[list[float]]) -> list[float]:

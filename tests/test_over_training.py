@@ -139,6 +139,7 @@ def test_planted_induction_rises_monotonically_and_crossing_is_marked(planted_re
     assert re.search(r"previous-token score (>|&gt;|\\u003e)= 0.5 at step 0", html), "the first crossing's line"
     assert "The previous-token head formed first." in html
     assert html.count("circuits-vis-") >= 1 and "step 20 (during)" in html
+    assert '"linear x"' in html and "switch it to linear" in html
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
