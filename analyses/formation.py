@@ -128,6 +128,17 @@ def best_head(row: dict, detector: str, layer: int | None = None) -> tuple[int, 
     return layer, head
 
 
+def best_induction_head(row: dict) -> tuple[int, int]:
+    """The (layer, head) with the highest induction score in ``row``, from layer 1 on in a
+    model with more than one layer: a layer-0 head has no earlier head to learn the previous
+    token from, so its "induction" score on the probe is a fixed-offset coincidence
+    (``docs/induction-recipe.md``), not the circuit."""
+    scores = torch.tensor(row["heads"]["induction"])
+    first = 1 if scores.shape[0] > 1 else 0
+    layer, head = divmod(int(scores[first:].argmax()), scores.shape[1])
+    return layer + first, head
+
+
 def view_steps(rows: list[dict], head: tuple[int, int], threshold: float) -> list[tuple[str, int]]:
     """Three checkpoints to show ``head`` at: the last before it is half-way to ``threshold``,
     the first at or above it, and the last (before, during, after). Without a crossing:

@@ -56,7 +56,8 @@ from training.precision import make_autocast
 from . import cli
 from .ablation import head_ablation
 from .common import AnalysisError
-from .formation import Probes, attention_views, best_head, first_crossings, k_composition, text_icl, view_steps
+from .formation import (Probes, attention_views, best_head, best_induction_head, first_crossings, k_composition,
+                        text_icl, view_steps)
 from .heads import DETECTORS, repeated_random_tokens, scores_from_patterns
 from .html import Page, heatmap
 from .logit_lens import per_layer_loss
@@ -217,18 +218,13 @@ def probe_tokens(model, options: dict, probes: Probes):
 
 
 def induction_crossing(rows: list[dict], threshold: float = CROSSING) -> dict | None:
-    """The first checkpoint whose best head's induction score is at least ``threshold``.
-    Layer 0 counts only in a one-layer model: a layer-0 head has no earlier head to learn
-    the previous token from, so its "induction" score on the probe is a fixed-offset
-    coincidence (``docs/induction-recipe.md``), not the circuit."""
+    """The first checkpoint whose best induction head (``best_induction_head``: layer 1 on
+    in a deeper model) scores at least ``threshold``."""
     for row in rows:
-        scores = torch.tensor(row["heads"]["induction"])
-        first_layer = 1 if scores.shape[0] > 1 else 0
-        best = float(scores[first_layer:].max())
-        if best >= threshold:
-            layer, head = divmod(int(scores[first_layer:].argmax()), scores.shape[1])
-            return {"step": row["step"], "tokens_seen": row["tokens_seen"], "head": [layer + first_layer, head],
-                    "score": best}
+        layer, head = best_induction_head(row)
+        score = row["heads"]["induction"][layer][head]
+        if score >= threshold:
+            return {"step": row["step"], "tokens_seen": row["tokens_seen"], "head": [layer, head], "score": score}
     return None
 
 
@@ -237,7 +233,7 @@ def formation(rows: list[dict], checkpoints: dict[int, Path], options: dict, pro
     best induction head at the last checkpoint, the layer-0 previous-token head its keys
     read (for K-composition), and its attention before, during and after it formed."""
     last = rows[-1]
-    head = best_head(last, "induction")
+    head = best_induction_head(last)
     source = best_head(last, "previous_token", layer=head[0] - 1) if head[0] >= 1 else None
     steps = view_steps(rows, head, CROSSING)
     model = _load(checkpoints[steps[-1][1]], device)
