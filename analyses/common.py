@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from data_prep.reader import TokenDataset
+from data_prep.reader import TokenDataset, load_manifest
 from hooked_gpt2 import EOT_TOKEN
 from hooked_gpt2.losses import next_token_loss
 
@@ -94,7 +94,10 @@ def parse_layers(model, text: str | None) -> list[int]:
 
 
 def bos_token(model) -> int:
-    """GPT-2's <|endoftext|>, or the last id for a model with a small synthetic vocabulary."""
+    """GPT-2's <|endoftext|> (its id in a compact vocabulary), or the last id for a model
+    with a small synthetic vocabulary."""
+    if model.cfg.vocab is not None:
+        return model.tokenizer.bos_token_id
     return EOT_TOKEN if model.cfg.d_vocab > EOT_TOKEN else model.cfg.d_vocab - 1
 
 
@@ -123,6 +126,19 @@ def logit_diff(answer: int, wrong: int | None = None, pos: int = -1) -> Metric:
         return value.mean()
 
     return metric
+
+
+def check_data_vocab(model, data_dir: str | Path, name: str = "the model") -> None:
+    """Raise unless the prepared data at ``data_dir`` holds ``model``'s token ids: GPT-2's
+    for both, or the same compact vocabulary (``data_prep.compact``)."""
+    data_vocab = load_manifest(Path(data_dir)).get("vocab", {}).get("ids")
+    if data_vocab == model.cfg.vocab:
+        return
+
+    def what(vocab):
+        return "GPT-2's token ids" if vocab is None else f"a compact vocabulary of {len(vocab):,} tokens"
+    raise AnalysisError(f"{data_dir} holds {what(data_vocab)}, {name} reads {what(model.cfg.vocab)}: its losses "
+                        "there would be meaningless; use data with the model's vocabulary (the data it trained on)")
 
 
 def load_split_batch(

@@ -34,7 +34,7 @@ from hooked_gpt2.losses import next_token_loss
 from hooked_gpt2.model_card import EVALUATION_FILE
 
 from .cli import DEVICE_HELP, load_model, run
-from .common import AnalysisError
+from .common import AnalysisError, check_data_vocab
 
 
 class HellaSwagError(AnalysisError):
@@ -176,6 +176,9 @@ def evaluate_models(paths: list[str], data: str | None, *, split: str = "val", s
     too_short = [p for p, m in models.items() if m.cfg.n_ctx < seq_len]
     if too_short:
         raise AnalysisError(f"--seq-len {seq_len} is longer than the context of {too_short}")
+    if data:
+        for path, model in models.items():
+            check_data_vocab(model, data, str(path))
     windows = split_windows(data, split, seq_len, max_tokens) if data else None
     result = {"data": str(Path(data).resolve()) if data else None, "split": split, "seq_len": seq_len,
               "tokens": windows[:, 1:].numel() if windows is not None else 0,

@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import cli
-from .common import AnalysisError, load_split_batch, prompt_tokens
+from .common import AnalysisError, check_data_vocab, load_split_batch, prompt_tokens
 from .html import Page, heatmap, to_jsonable
 
 SITES = ("pre", "mid", "post", "all")
@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     if args.data is not None:
         if args.seq_len > model.cfg.n_ctx:
             raise AnalysisError(f"--seq-len {args.seq_len} exceeds the model's context of {model.cfg.n_ctx}")
+        check_data_vocab(model, args.data)
         tokens = load_split_batch(args.data, args.split, args.batch, args.seq_len, args.seed).to(model.W_E.device)
     else:
         tokens = prompt_tokens(model, args.prompt)

@@ -88,6 +88,8 @@ class TokenDataset:
             raise ShardError(f"{self.data_dir / MANIFEST} has no {split!r} shards"
                              f"{' (prepared with --val-tokens 0)' if split == 'val' else ''}; "
                              "prepare the data again with a non-empty split")
+        # A compact vocabulary (data_prep.compact): the GPT-2 id of each token id, or None.
+        self.vocab: list[int] | None = self.manifest.get("vocab", {}).get("ids")
         self.shards = []
         for entry in entries:
             path = self.data_dir / entry["file"]

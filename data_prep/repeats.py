@@ -26,21 +26,21 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from hooked_gpt2.tokenizer import OTHER
+
+from .compact import most_frequent, token_counts
 from .reader import BatchLoader, TokenDataset
 
 
 def frequent_tokens(dataset: TokenDataset, k: int) -> Int[Tensor, " k"]:
-    """The ``k`` most frequent token ids of ``dataset``, most frequent first (ties by id).
+    """The ``k`` most frequent token ids of ``dataset``, most frequent first (ties by id);
+    in a compact vocabulary, never the id that stands for every other token.
 
     >>> frequent_tokens(TokenDataset("data/python-stdlib", "train"), 3)  # doctest: +SKIP
     tensor([220, 198, 25])
     """
-    counts = np.zeros(65536, dtype=np.int64)
-    for shard in dataset.shards:
-        counts += np.bincount(shard, minlength=65536)
-    present = int((counts > 0).sum())
-    order = np.argsort(-counts, kind="stable")[: min(k, present)]
-    return torch.from_numpy(order.astype(np.int64))
+    other = dataset.vocab.index(OTHER) if dataset.vocab is not None else None
+    return torch.tensor(most_frequent(token_counts(dataset), k, exclude=other), dtype=torch.int64)
 
 
 class RepeatedSpans:

@@ -86,6 +86,9 @@ class GPT2Config:
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before the dot product
     attn_bias: bool = True  # bias of the attention output projection (QKV's is qkv_bias)
     mlp_bias: bool = True  # biases of the MLP's linear layers
+    # A compact vocabulary (data_prep.compact): the GPT-2 id of each of the d_vocab token
+    # ids, -1 for the one id standing for every other token; None: GPT-2's own ids.
+    vocab: list | None = None
 
     # What TransformerLens code reads from ``model.cfg`` beyond the fields above. These are
     # class attributes, not dataclass fields, so they never reach config.json: the four
@@ -141,6 +144,15 @@ class GPT2Config:
         for name, choices in (("positional", POSITIONALS), ("norm", NORMS), ("mlp", MLPS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.vocab is not None:
+            from .tokenizer import check_compact_vocab
+
+            try:
+                check_compact_vocab(self.vocab)
+            except ValueError as e:
+                raise ConfigError(f"vocab: {e}") from None
+            if len(self.vocab) != self.d_vocab:
+                raise ConfigError(f"vocab lists {len(self.vocab)} tokens but d_vocab is {self.d_vocab}; they must agree")
         if self.positional == "rotary":
             dim = self.rotary_dim
             if not (isinstance(dim, int) and not isinstance(dim, bool) and 0 < dim <= self.d_head and dim % 2 == 0):

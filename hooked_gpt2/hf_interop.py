@@ -228,6 +228,10 @@ def gpt2_export_problems(cfg: GPT2Config) -> list[str]:
 
 def save_hf(model, path, source=None) -> Path:
     cfg = model.cfg
+    if cfg.vocab is not None:
+        raise ConfigError(f"this model reads a compact vocabulary of {cfg.d_vocab} tokens (data_prep.compact), whose "
+                          "ids are not GPT-2's: Hugging Face's tokenizer would feed it the wrong tokens. Save it with "
+                          "save_pretrained instead")
     gpt2_problems, llama_problems = gpt2_export_problems(cfg), llama_interop.export_problems(cfg)
     if not gpt2_problems:
         state, hf_config = hf_state_dict(model), hf_config_dict(cfg)

@@ -28,7 +28,6 @@ from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
 from .losses import next_token_loss
 from .text import TextMixin
-from .tokenizer import EOT_TOKEN
 
 
 class LayerNorm(nn.Module):
@@ -697,12 +696,12 @@ class HookedGPT2(TextMixin, HookedRootModule):
         use_kv_cache = use_kv_cache if use_past_kv_cache is None else use_past_kv_cache
         out = generate_tokens(
             self, tokens, max_new_tokens, temperature if do_sample else 0.0, top_k, top_p, seed, stop_at_eos,
-            use_kv_cache, eos_token_id=EOT_TOKEN if eos_token_id is None else eos_token_id,
+            use_kv_cache, eos_token_id=self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
             freq_penalty=freq_penalty, verbose=verbose,
         )
         if return_type == "tokens" or (return_type == "input" and not is_text):
             return out
-        texts = [self.tokenizer.decode([t for t in row.tolist() if t != EOT_TOKEN]) for row in out]
+        texts = [self.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in out]
         return texts[0] if len(texts) == 1 else texts
 
     # Hugging Face interop.

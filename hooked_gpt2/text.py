@@ -1,5 +1,6 @@
 """Text in and out of a HookedGPT2, with TransformerLens's names and defaults: GPT-2's BPE,
-offline, where <|endoftext|> doubles as BOS and as padding."""
+offline, where <|endoftext|> doubles as BOS and as padding. A model over a compact
+vocabulary (``cfg.vocab``, from ``data_prep.compact``) reads and writes its own ids."""
 
 import functools
 
@@ -8,12 +9,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .tokenizer import EOT_TOKEN, GPT2Tokenizer
+from .tokenizer import CompactTokenizer, GPT2Tokenizer
 
 
 @functools.cache
-def _tokenizer() -> GPT2Tokenizer:
-    return GPT2Tokenizer()
+def _tokenizer(vocab: tuple | None = None) -> GPT2Tokenizer:
+    return GPT2Tokenizer() if vocab is None else CompactTokenizer(vocab)
 
 
 class TextMixin:
@@ -22,7 +23,7 @@ class TextMixin:
 
     @property
     def tokenizer(self) -> GPT2Tokenizer:
-        return _tokenizer()
+        return _tokenizer(None if self.cfg.vocab is None else tuple(self.cfg.vocab))
 
     def to_tokens(
         self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None,
@@ -40,13 +41,14 @@ class TextMixin:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
-        ids = [([EOT_TOKEN] if prepend_bos else []) + self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        tokenizer = self.tokenizer
+        ids = [tokenizer.encode(t, add_special_tokens=prepend_bos) for t in texts]
         if not any(ids):
             raise ValueError("the text is empty: give a non-empty prompt (or prepend_bos=True)")
         if truncate:
             ids = [row[: self.cfg.n_ctx] for row in ids]
         width = max(len(row) for row in ids)
-        pad = lambda row: [EOT_TOKEN] * (width - len(row))  # noqa: E731
+        pad = lambda row: [tokenizer.pad_token_id] * (width - len(row))  # noqa: E731
         padded = [row + pad(row) if padding_side == "right" else pad(row) + row for row in ids]
         return torch.tensor(padded, dtype=torch.long, device=self.W_E.device if move_to_device else "cpu")
 

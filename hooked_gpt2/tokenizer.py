@@ -17,6 +17,10 @@ RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 EOT_TOKEN = 50256
 EOT_TEXT = "<|endoftext|>"
 D_VOCAB = 50257
+# A compact vocabulary (``data_prep.compact``) lists the GPT-2 id of each of a model's
+# token ids; the one entry OTHER is the id that stands for every GPT-2 token not listed.
+OTHER = -1
+OTHER_TEXT = "<|other|>"
 
 # GPT-2's pre-tokenisation pattern, as in tiktoken's own gpt2 definition.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -131,17 +135,21 @@ class GPT2Tokenizer:
         return D_VOCAB
 
     def encode(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True, **_):
-        ids = ([EOT_TOKEN] if add_special_tokens else []) + self.encoding.encode(text, allowed_special="all")
+        ids = ([self.bos_token_id] if add_special_tokens else []) + self.encode_text(text)
         if return_tensors == "pt":
             import torch
 
             return torch.tensor([ids])
         return ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """The ids of ``text``, ``<|endoftext|>`` in it included, with no BOS added."""
+        return self.encoding.encode(text, allowed_special="all")
+
     def decode(self, ids, skip_special_tokens: bool = False, **_) -> str:
         ids = [int(i) for i in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
         if skip_special_tokens:
-            ids = [i for i in ids if i != EOT_TOKEN]
+            ids = [i for i in ids if i != self.eos_token_id]
         return self.encoding.decode(ids)
 
     def batch_decode(self, rows, skip_special_tokens: bool = False, **_) -> list[str]:
@@ -160,7 +168,7 @@ class GPT2Tokenizer:
             masks = [[1] * len(r) for r in ids]
         else:
             width = max(len(r) for r in ids)
-            pad = lambda r: [EOT_TOKEN] * (width - len(r))  # noqa: E731
+            pad = lambda r: [self.pad_token_id] * (width - len(r))  # noqa: E731
             rows = [r + pad(r) if self.padding_side == "right" else pad(r) + r for r in ids]
             masks = [[1] * len(r) + [0] * (width - len(r)) if self.padding_side == "right"
                      else [0] * (width - len(r)) + [1] * len(r) for r in ids]
@@ -169,3 +177,83 @@ class GPT2Tokenizer:
         if return_tensors == "pt":
             rows, masks = torch.tensor(rows), torch.tensor(masks)
         return {"input_ids": rows, "attention_mask": masks}
+
+
+def check_compact_vocab(vocab) -> None:
+    """Raise ValueError unless ``vocab`` is a compact vocabulary: distinct GPT-2 ids, with
+    ``<|endoftext|>`` (BOS, end of text and padding) among them and exactly one ``OTHER``."""
+    if not isinstance(vocab, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab):
+        raise ValueError(f"a compact vocabulary is a list of GPT-2 token ids, got {type(vocab).__name__}")
+    bad = [i for i in vocab if not (i == OTHER or 0 <= i < D_VOCAB)]
+    if bad:
+        raise ValueError(f"a compact vocabulary holds GPT-2 ids in [0, {D_VOCAB}) and one {OTHER}; got {bad[:5]}")
+    if len(set(vocab)) != len(vocab):
+        raise ValueError("a compact vocabulary lists each GPT-2 id once")
+    if vocab.count(OTHER) != 1 or EOT_TOKEN not in vocab:
+        raise ValueError(f"a compact vocabulary has exactly one {OTHER} (every other token) and holds "
+                         f"<|endoftext|> ({EOT_TOKEN})")
+
+
+def compact_table(vocab) -> list[int]:
+    """``table[gpt2_id]``: the compact id of every GPT-2 id (``OTHER``'s for ids not listed)."""
+    check_compact_vocab(vocab)
+    table = [vocab.index(OTHER)] * D_VOCAB
+    for compact_id, gpt2_id in enumerate(vocab):
+        if gpt2_id != OTHER:
+            table[gpt2_id] = compact_id
+    return table
+
+
+class CompactTokenizer(GPT2Tokenizer):
+    """GPT-2's tokenizer for a model over a compact vocabulary (``data_prep.compact``):
+    id ``i`` is GPT-2's ``vocab[i]``; every GPT-2 token not in ``vocab`` encodes to the
+    one ``OTHER`` id, which decodes to ``<|other|>``.
+
+    >>> tok = CompactTokenizer([EOT_TOKEN, 15496, OTHER])
+    >>> tok.encode("Hello world")
+    [0, 1, 2]
+    >>> tok.decode([1, 2])
+    'Hello<|other|>'
+    """
+
+    name_or_path = "gpt2-compact"
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = list(vocab)
+        self.table = compact_table(self.vocab)
+        self.other_token_id = self.vocab.index(OTHER)
+        self.bos_token_id = self.eos_token_id = self.pad_token_id = self.unk_token_id = self.table[EOT_TOKEN]
+        self.vocab_size = len(self.vocab)
+
+    def __getattr__(self, name):  # tiktoken's methods would give GPT-2 ids, not this vocabulary's
+        if name.startswith("__") or name in ("encoding", "vocab", "table"):
+            raise AttributeError(name)
+        raise AttributeError(f"a compact-vocabulary tokenizer has encode, encode_text, encode_ordinary and decode; "
+                             f"not tiktoken's {name!r}")
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode_text(self, text: str) -> list[int]:
+        return [self.table[i] for i in super().encode_text(text)]
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return [self.table[i] for i in self.encoding.encode_ordinary(text)]
+
+    def decode(self, ids, skip_special_tokens: bool = False, **_) -> str:
+        ids = [int(i) for i in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
+        if skip_special_tokens:
+            ids = [i for i in ids if i != self.eos_token_id]
+        bad = [i for i in ids if not 0 <= i < len(self.vocab)]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside this compact vocabulary of {len(self.vocab)}")
+        # Decode runs between OTHER ids together: one character can span several tokens.
+        pieces, run = [], []
+        for i in ids:
+            if i == self.other_token_id:
+                pieces += [self.encoding.decode(run), OTHER_TEXT]
+                run = []
+            else:
+                run.append(self.vocab[i])
+        return "".join(pieces) + self.encoding.decode(run)

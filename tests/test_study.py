@@ -6,7 +6,11 @@ import json
 import math
 import re
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 import scipy.stats
@@ -389,3 +393,45 @@ def test_a_failed_run_is_reported_skipped_and_marked_in_the_comparison(tiny_stud
     text = compare_runs.markdown_table(result)
     assert "| no_dropout ⚠ fewer seeds | 1 of 2 finished |" in text
     assert f"- no_dropout: {run}: failed (failed: the training loss is nan at step 3: stopping)" in text
+
+
+def test_jobs_train_side_by_side_the_same_runs_and_mark_a_failed_one(tiny_study, shakespeare_data, tmp_path):
+    _, sequential, *_ = tiny_study
+    text = STUDY_TOML + "\n[variants.diverges]\nlr = 1e38\n"
+    study = load_study(write_study(tmp_path, shakespeare_data, text))
+    logged = []
+    actions = run_study(study, tmp_path / "out", jobs=2, log=logged.append)
+    assert actions == [(v, s, "failed" if v == "diverges" else "trained")
+                       for v in ("baseline", "no_dropout", "diverges") for s in (3, 7)]
+    for variant in ("baseline", "no_dropout"):
+        for seed in (3, 7):
+            ours, theirs = (root / variant / f"seed_{seed}" for root in (tmp_path / "out", sequential))
+            assert final_row_val_loss(ours) == pytest.approx(final_row_val_loss(theirs), rel=1e-5)
+    run = tmp_path / "out" / "diverges" / "seed_3"
+    assert rundir.run_status(run) == "failed" and "the training loss is" in rundir.failure(run)
+    assert (tmp_path / "out" / "logs" / "diverges_seed_3.log").is_file()
+    assert any("diverges seed 7 FAILED" in line for line in logged)
+
+
+def test_ctrl_c_stops_side_by_side_runs_resumably_and_a_rerun_finishes_them(shakespeare_data, tmp_path):
+    text = STUDY_TOML.replace("max_steps = 6", "max_steps = 300").replace("ckpt_every = 3", "ckpt_every = 100")
+    path = write_study(tmp_path, shakespeare_data, text)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "training.study", str(path), "--out", str(out), "--jobs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    def steps_logged(seed):
+        metrics = out / "baseline" / f"seed_{seed}" / "metrics.jsonl"
+        return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+    while time.time() < deadline and not all(steps_logged(s) >= 3 for s in (3, 7)):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped before the last step" in err
+    for seed in (3, 7):
+        run = out / "baseline" / f"seed_{seed}"
+        assert rundir.run_status(run) == "interrupted" and rundir.latest_resumable(run) is not None
+    assert not (out / "no_dropout").exists(), "no run starts after the stop"
+    actions = run_study(load_study(path), out, jobs=2, log=lambda *a: None)
+    assert [a for *_, a in actions] == ["resumed", "resumed", "trained", "trained"]

@@ -342,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=choices, **_arg_type(f))
     group = p.add_argument_group("model overrides (GPT2Config fields; the study's interventions among them)")
     for f in dataclasses.fields(GPT2Config):
+        if f.name == "vocab":  # a compact vocabulary comes with its data (data_prep.compact), not from a flag
+            continue
         kind = {"dropout": {"type": _off_or(float, 0.0)}}.get(f.name) or _arg_type(f)
         if "type" in kind:
             kind["metavar"] = f.name.upper()

@@ -122,8 +122,10 @@ class InstructionBatches:
     each rank its own ``batch_size`` of it (an epoch's remainder is left out, a different
     one each epoch). The position is the step alone, so resuming needs nothing else."""
 
-    def __init__(self, examples, batch_size: int, seed: int, response_only: bool, rank: int = 0, world_size: int = 1):
+    def __init__(self, examples, batch_size: int, seed: int, response_only: bool, rank: int = 0, world_size: int = 1,
+                 pad_id: int = EOT_TOKEN):
         self.examples, self.batch_size, self.seed, self.response_only = examples, batch_size, seed, response_only
+        self.pad_id = pad_id
         self.rank, self.world_size, self.step = rank, world_size, 0
         self.steps_per_epoch = len(examples) // (batch_size * world_size)
         if self.steps_per_epoch == 0:
@@ -135,7 +137,8 @@ class InstructionBatches:
         order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
         start = (k * self.world_size + self.rank) * self.batch_size
         self.step += 1
-        return collate([self.examples[i] for i in order[start : start + self.batch_size]], self.response_only)
+        return collate([self.examples[i] for i in order[start : start + self.batch_size]], self.response_only,
+                       self.pad_id)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "n_examples": len(self.examples)}
@@ -166,7 +169,7 @@ def held_out_loss(model, examples, batch_size: int, response_only: bool, autocas
     total, count = 0.0, 0
     try:
         for start in range(0, len(examples), batch_size):
-            inputs, labels = collate(examples[start : start + batch_size], response_only)
+            inputs, labels = collate(examples[start : start + batch_size], response_only, model.tokenizer.pad_token_id)
             n = int((labels != IGNORE).sum())
             with autocast():
                 total += next_token_loss(model(inputs.to(device)), labels=labels).item() * n
@@ -185,7 +188,8 @@ def respond(model, prompt: str, max_new_tokens: int) -> str:
     device = next(model.parameters()).device
     out = model.generate(torch.tensor([tokens], device=device), new, temperature=0, stop_at_eos=True)
     reply = out[0, len(tokens):].tolist()
-    return model.to_string(reply[: reply.index(EOT_TOKEN)] if EOT_TOKEN in reply else reply)
+    eos = model.tokenizer.eos_token_id
+    return model.to_string(reply[: reply.index(eos)] if eos in reply else reply)
 
 
 def finetune(cfg: FinetuneConfig, *, stop_after: int | None = None) -> Path:
@@ -210,13 +214,14 @@ def _finetune(cfg: FinetuneConfig, d: distributed.Dist, stop_after: int | None) 
     if max_len > model.cfg.n_ctx:
         raise ConfigError(f"--max-len {max_len} is longer than the model's context of {model.cfg.n_ctx}")
     train_ids, val_ids = split_records(records, cfg.val_fraction, cfg.seed)
-    encoded = [encode(model.tokenizer, fill(template, r), r["output"], max_len) for r in records]
+    eos = model.tokenizer.eos_token_id
+    encoded = [encode(model.tokenizer, fill(template, r), r["output"], max_len, eos) for r in records]
     # An example whose prompt fills the whole context has no response tokens left to learn.
     usable = [i for i in train_ids if len(encoded[i].tokens) > encoded[i].n_prompt]
     if not usable:
         raise InstructionDataError(f"every training prompt fills the {max_len}-token context; shorten the prompts")
     batches = InstructionBatches([encoded[i] for i in usable], cfg.batch_size, cfg.seed, cfg.response_loss_only,
-                                 d.rank, d.world_size)
+                                 d.rank, d.world_size, model.tokenizer.pad_token_id)
     val_examples = [encoded[i] for i in val_ids if len(encoded[i].tokens) > encoded[i].n_prompt]
     if not val_examples:
         raise InstructionDataError(f"every held-out prompt fills the {max_len}-token context; shorten the prompts")

@@ -103,19 +103,20 @@ class Example:
     n_prompt: int  # how many of the tokens are the prompt's
 
 
-def encode(tokenizer, prompt: str, response: str, max_len: int) -> Example:
-    """Prompt and response tokens, cut to ``max_len + 1`` (``max_len`` inputs and targets)."""
+def encode(tokenizer, prompt: str, response: str, max_len: int, eos_id: int = EOT_TOKEN) -> Example:
+    """Prompt and response tokens then ``eos_id`` (<|endoftext|>, or its id in a compact
+    vocabulary), cut to ``max_len + 1`` (``max_len`` inputs and targets)."""
     prompt_ids = tokenizer.encode_ordinary(prompt)
-    tokens = (prompt_ids + tokenizer.encode_ordinary(response) + [EOT_TOKEN])[: max_len + 1]
+    tokens = (prompt_ids + tokenizer.encode_ordinary(response) + [eos_id])[: max_len + 1]
     return Example(tokens, min(len(prompt_ids), len(tokens)))
 
 
-def collate(examples: list[Example], response_only: bool = True) -> tuple[Tensor, Tensor]:
-    """Inputs ``[batch, pos]`` right-padded with <|endoftext|>, and next-token labels with
+def collate(examples: list[Example], response_only: bool = True, pad_id: int = EOT_TOKEN) -> tuple[Tensor, Tensor]:
+    """Inputs ``[batch, pos]`` right-padded with ``pad_id`` (<|endoftext|>), and next-token labels with
     padding (and, if ``response_only``, every target inside the prompt) set to IGNORE, for
     ``next_token_loss(logits, labels=labels)``."""
     width = max(len(e.tokens) for e in examples) - 1
-    inputs = torch.full((len(examples), width), EOT_TOKEN, dtype=torch.long)
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for i, e in enumerate(examples):
         row = torch.tensor(e.tokens)

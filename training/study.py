@@ -36,13 +36,19 @@ the run, to try it again).
 """
 
 import argparse
+import functools
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from data_prep.reader import ShardError
 from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError
+from hooked_gpt2.atomic import atomic_write
 
 from . import rundir
 from .config import EXPERIMENT_ROLES, TrainConfig, changed_fields, fields_with_roles, tomllib
@@ -162,18 +168,24 @@ def check_unchanged(cfg: TrainConfig, path: Path) -> None:
                          "restore the study file, or run it into a new --out")
 
 
-def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = None, log=print) -> list[tuple]:
+def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = None, jobs: int = 1,
+              log=print) -> list[tuple]:
     """Train every (variant, seed) run not yet finished; returns ``(variant, seed, action)``
     for each, action being ``skipped``, ``resumed``, ``trained`` or ``failed``.
 
-    ``stop_after`` stops the first run that trains after that step, as an interrupt would
-    (for tests); the study then raises ``StudyInterrupted`` like after a Ctrl-C.
+    ``jobs`` > 1 trains that many runs at once, each in its own process with an equal share
+    of the CPU threads (small models train faster side by side than one at a time with
+    every thread). ``stop_after`` stops the first run that trains after that step, as an
+    interrupt would (for tests, one job); the study then raises ``StudyInterrupted`` like
+    after a Ctrl-C.
     """
     study_dir = Path(study_dir)
+    if not isinstance(jobs, int) or jobs < 1:
+        raise StudyError(f"jobs must be a positive integer, got {jobs!r}")
     study_dir.mkdir(parents=True, exist_ok=True)
     plan = {k: v for k, v in study.items() if k != "out"}
     rundir.write_study(study_dir, plan)
-    actions = []
+    actions, todo = {}, []
     for variant in study["variants"]:
         for seed in study["seeds"]:
             cfg = run_config(study, variant, seed, study_dir)
@@ -182,39 +194,150 @@ def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = No
             if state != "new":
                 check_unchanged(cfg, path)
             if state == "finished":
-                actions.append((variant, seed, "skipped"))
-                continue
-            if state == "failed":
+                actions[variant, seed] = "skipped"
+            elif state == "failed":
                 log(f"study {study['name']}: {variant} seed {seed} failed before ({rundir.failure(path)}); skipped "
                     f"(delete {path / rundir.FAILED} to try it again)")
-                actions.append((variant, seed, "failed"))
-                continue
-            action = "resumed" if state == "interrupted" else "trained"
-            log(f"study {study['name']}: {'resuming' if state == 'interrupted' else 'training'} {variant} seed {seed} -> {path}")
-            overrides = {"resume": True} if state == "interrupted" else {"overwrite": True}
-            try:
-                train(TrainConfig.from_dict({**cfg.to_dict(), **overrides}), stop_after=stop_after)
-            except TrainingError as e:
-                path.mkdir(parents=True, exist_ok=True)
-                rundir.mark_failed(path, str(e))
-                log(f"study {study['name']}: {variant} seed {seed} FAILED: {e}")
-                actions.append((variant, seed, "failed"))
-                continue
-            stop_after = None
-            actions.append((variant, seed, action))
-            if rundir.run_status(path) != "finished":
-                raise StudyInterrupted(f"{variant} seed {seed} stopped before its last step; run the study "
-                                       "again to resume it (finished runs are skipped)")
+                actions[variant, seed] = "failed"
+            else:
+                overrides = {"resume": True} if state == "interrupted" else {"overwrite": True}
+                todo.append((variant, seed, TrainConfig.from_dict({**cfg.to_dict(), **overrides}),
+                             "resumed" if state == "interrupted" else "trained"))
+    train_runs = train_one_at_a_time if jobs == 1 else functools.partial(train_side_by_side, jobs=jobs)
+    actions.update(train_runs(study["name"], todo, stop_after=stop_after, log=log))
+    return [(variant, seed, actions[variant, seed]) for variant in study["variants"] for seed in study["seeds"]]
+
+
+def train_one_at_a_time(name: str, todo: list[tuple], *, stop_after: int | None, log) -> dict:
+    """Train the runs of ``todo`` (variant, seed, config, action) in this process, in order."""
+    actions = {}
+    for variant, seed, cfg, action in todo:
+        path = Path(cfg.out)
+        log(f"study {name}: {'resuming' if action == 'resumed' else 'training'} {variant} seed {seed} -> {path}")
+        try:
+            train(cfg, stop_after=stop_after)
+        except TrainingError as e:
+            path.mkdir(parents=True, exist_ok=True)
+            rundir.mark_failed(path, str(e))
+            log(f"study {name}: {variant} seed {seed} FAILED: {e}")
+            actions[variant, seed] = "failed"
+            continue
+        stop_after = None
+        actions[variant, seed] = action
+        if rundir.run_status(path) != "finished":
+            raise StudyInterrupted(f"{variant} seed {seed} stopped before its last step; run the study "
+                                   "again to resume it (finished runs are skipped)")
     return actions
+
+
+# Exit codes of one run trained in a subprocess (``python -m training.study --train-run``).
+RUN_FAILED, RUN_USER_ERROR = 3, 2
+
+
+def train_side_by_side(name: str, todo: list[tuple], *, jobs: int, stop_after: int | None, log) -> dict:
+    """Train the runs of ``todo`` ``jobs`` at a time, each in a subprocess with its share of
+    the CPU threads; its output goes to ``STUDY_DIR/logs/<variant>_seed_<n>.log``. Ctrl-C or
+    SIGTERM asks every running run to save a resumable checkpoint and stop."""
+    if stop_after is not None:
+        raise StudyError("stop_after needs jobs=1")
+    if not todo:
+        return {}
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    logs = Path(todo[0][2].out).parents[1] / "logs"
+    logs.mkdir(exist_ok=True)
+    pending, running, actions, stopping = list(todo), {}, {}, False
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while running or pending and not stopping:
+            try:
+                while pending and len(running) < jobs and not stopping:
+                    variant, seed, cfg, action = pending.pop(0)
+                    log_path = logs / f"{variant}_seed_{seed}.log"
+                    config_path = logs / f"{variant}_seed_{seed}.json"
+                    atomic_write(config_path, json.dumps(cfg.to_dict()) + "\n")
+                    log(f"study {name}: {'resuming' if action == 'resumed' else 'training'} {variant} seed {seed} -> "
+                        f"{cfg.out} ({threads} thread{'s' if threads > 1 else ''}; output in {log_path})")
+                    with open(log_path, "a") as out:  # the run's own process group: Ctrl-C reaches it through us
+                        proc = subprocess.Popen([sys.executable, "-m", "training.study", "--train-run", str(config_path)],
+                                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    running[proc] = (variant, seed, cfg, action, log_path)
+                for proc in [p for p in running if p.poll() is not None]:
+                    variant, seed, cfg, action, log_path = running.pop(proc)
+                    actions[variant, seed] = finish_subprocess_run(name, variant, seed, cfg, action, proc.returncode,
+                                                                   log_path, stopping, log)
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                if not stopping:
+                    log(f"study {name}: stopping; each running run saves a resumable checkpoint first")
+                stopping = True
+                for proc in running:
+                    proc.send_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    unfinished = [f"{v} seed {s}" for (v, s), a in actions.items() if a == "interrupted"]
+    if stopping or unfinished:
+        raise StudyInterrupted(f"{', '.join(unfinished) or 'the study'} stopped before the last step; run the study "
+                               "again to resume (finished runs are skipped)")
+    return actions
+
+
+def finish_subprocess_run(name, variant, seed, cfg, action, returncode, log_path: Path, stopping: bool, log) -> str:
+    """What became of a run trained in a subprocess: its action, ``failed`` (marked, with
+    the error), or ``interrupted`` (also a run the study's stop reached before it could
+    save); a user error (bad data, config) stops the study."""
+    path = Path(cfg.out)
+    if rundir.run_status(path) == "finished":
+        log(f"study {name}: {variant} seed {seed} finished")
+        return action
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
+    error = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
+    if returncode == RUN_USER_ERROR:
+        raise StudyError(f"{variant} seed {seed}: {error or 'the run stopped with a user error'} (see {log_path})")
+    if returncode == 0 or stopping and returncode != RUN_FAILED:
+        return "interrupted"
+    reason = error or f"exit code {returncode}: {lines[-1] if lines else 'no output'} (see {log_path})"
+    path.mkdir(parents=True, exist_ok=True)
+    rundir.mark_failed(path, reason)
+    log(f"study {name}: {variant} seed {seed} FAILED: {reason}")
+    return "failed"
+
+
+def train_run_main(config_path: str) -> int:
+    """One run of a study in its own process: exit 0 (finished or interrupted, resumable),
+    ``RUN_FAILED`` for a run that failed (a non-finite loss) or ``RUN_USER_ERROR``."""
+    try:
+        cfg = TrainConfig.from_dict(json.loads(Path(config_path).read_text()))
+        train(cfg)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return RUN_FAILED
+    except (StudyError, ConfigError, ShardError, CheckpointError, DataPrepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return RUN_USER_ERROR
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.study",
                                 description="Train a baseline and its variants with several seeds each (resumable).")
-    p.add_argument("study", help="study file (TOML): name, seeds, [baseline], [variants.NAME]")
+    p.add_argument("study", nargs="?", help="study file (TOML): name, seeds, [baseline], [variants.NAME]")
     p.add_argument("--out", default=None, help="study directory (default: the file's `out`, else runs/study-<name>)")
     p.add_argument("--dry-run", action="store_true", help="check the study file and print the runs, without training")
-    args = p.parse_args(argv)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs to train at once, each in its own process with an equal share of the CPU threads "
+                        "(default 1; small models on a CPU train about twice as fast per core two at a time). The "
+                        "thread count can change a run's numbers in the last bits")
+    p.add_argument("--train-run", default=None, help=argparse.SUPPRESS)  # one run, for --jobs: its config file
+    args = p.parse_args(argv if argv is not None else sys.argv[1:])
+    if args.train_run:
+        return train_run_main(args.train_run)
+    if args.study is None:
+        p.error("the study file is required")
     try:
         study = load_study(args.study)
         out = Path(args.out or study["out"] or f"runs/study-{study['name']}")
@@ -224,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                     state = rundir.run_status(rundir.study_run_dir(out, variant, seed))
                     print(f"{variant:>20} seed {seed}: {state:<11} {json.dumps(v['overrides'])}")
             return 0
-        actions = run_study(study, out)
+        actions = run_study(study, out, jobs=args.jobs)
     except StudyInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130

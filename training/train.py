@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data_prep.reader import BatchLoader, ShardError, TokenDataset
+from data_prep.reader import BatchLoader, ShardError, TokenDataset, load_manifest
 from data_prep.repeats import RepeatedSpans, frequent_tokens
 from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError, HookedGPT2
@@ -267,16 +267,36 @@ def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
         data = DEFAULT_DATA
     if not (Path(data) / "manifest.json").is_file():
         raise ConfigError(f"no prepared data at {data} (no manifest.json); prepare it with "
-                          f"python -m data_prep.prepare --source ... --out {data}, or omit --data for the demo corpus")
+                          f"python -m data_prep.prepare --source ... --out {data} (then python -m data_prep.compact for a "
+                          "compact vocabulary), or omit --data for the demo corpus")
+    model = {**cfg.model, **vocab_fields(Path(data), cfg.model)}
     seq_len = cfg.resolved_seq_len()
     global_tokens = cfg.global_batch_tokens or cfg.batch_size * seq_len * d.world_size
     out = cfg.out or default_out(cfg.preset)
     out = distributed.broadcast_object(d, out)  # a timestamped default must agree across ranks
-    resolved = TrainConfig.from_dict({**cfg.to_dict(), "data": str(Path(data).resolve()), "out": str(Path(out).resolve()),
+    resolved = TrainConfig.from_dict({**cfg.to_dict(), "model": model, "data": str(Path(data).resolve()),
+                                      "out": str(Path(out).resolve()),
                                       "seq_len": seq_len, "global_batch_tokens": global_tokens,
                                       "max_steps": cfg.resolved_max_steps(d.world_size), "max_tokens": None})
     resolved.grad_accum_steps(d.world_size)  # raises if the batch does not divide
     return resolved
+
+
+def vocab_fields(data: Path, model: dict) -> dict:
+    """The model fields the data fixes: over a compact vocabulary (``data_prep.compact``)
+    its size and ids, which config.json then records; none over GPT-2's ids."""
+    vocab = load_manifest(data).get("vocab", {}).get("ids")
+    if vocab is None:
+        if model.get("vocab") is not None:
+            raise ConfigError(f"the model sets a compact vocabulary but {data} holds GPT-2's token ids; train it on "
+                              "the data it was made for (python -m data_prep.compact), or drop model.vocab")
+        return {}
+    given = {k: model[k] for k in ("d_vocab", "vocab") if model.get(k) is not None}
+    fixed = {"d_vocab": len(vocab), "vocab": vocab}
+    if any(given[k] != fixed[k] for k in given):
+        raise ConfigError(f"{data} has a compact vocabulary of {len(vocab)} tokens (data_prep.compact), which "
+                          "fixes the model's d_vocab and vocab; drop them from the model overrides")
+    return fixed
 
 
 def prepare_run_dir(cfg, d: distributed.Dist, fixed_changed: Callable[[dict], list[str]] | None = None) -> None:
