@@ -17,6 +17,7 @@ from training import rundir
 
 from . import over_training as ot
 from .cli import write_json
+from .formation import best_induction_head
 
 OVER_TRAINING = "over_training.json"
 SHARE = 0.8  # concentration: how many heads carry this share of the in-context-learning effect
@@ -106,7 +107,16 @@ def curve(results: dict | None, name: str) -> dict[int, tuple[int, float]]:
 
 
 def best_head(row: dict, detector: str) -> float | None:
+    """The best ``detector`` score of one checkpoint; for induction, of the head the
+    report's crossing follows (``formation.best_induction_head``: layer 1 on in a deeper
+    model, where a layer-0 score is a fixed-offset coincidence)."""
     scores = (row.get("heads") or {}).get(detector)
+    if detector == "induction" and scores:
+        try:
+            layer, head = best_induction_head(row)
+        except (TypeError, ValueError, RuntimeError):  # missing or non-numeric scores
+            return None
+        return _number(scores[layer][head])
     flat = [_number(v) for layer in scores or [] for v in layer]
     flat = [v for v in flat if v is not None]
     return max(flat) if flat else None

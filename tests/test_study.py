@@ -19,6 +19,7 @@ from analyses import compare_runs
 from tests.test_analyses_browser import CHROMIUM, chromium
 from training import rundir
 from training import study as study_module
+from training.config import TrainConfig
 from training.train import TrainingError
 from training.study import StudyError, StudyInterrupted, load_study, resolve_study, run_config, run_study
 
@@ -192,20 +193,27 @@ def test_reference_study_file_has_every_intervention():
         "the reference found weight tying harmful"
 
 
-def test_circuits_study_has_the_seven_interventions_with_three_seeds_of_both_noises(tmp_path):
+def test_circuits_study_has_the_seven_interventions_and_the_repeats_with_three_seeds_of_both_noises(tmp_path):
     study = load_study("studies/interventions_circuits.toml")
     assert study["seeds"] == [0, 1, 2] and study["vary"] == "both"
     variants = study["variants"]
     base = variants["baseline"]["config"]
-    assert base["preset"] == "mini"
+    # The demo's induction recipe over a compact vocabulary, with the reference's baseline settings.
+    recipe = TrainConfig(preset="demo")
+    assert (base["preset"], base["data"], base["max_steps"]) == ("demo", "data/python-stdlib-v1024", 3000)
+    assert {k: base[k] for k in ("batch_size", "lr", "warmup_steps", "repeat_fraction", "repeat_vocab", "repeat_span")} \
+        == {k: getattr(recipe, k) for k in ("batch_size", "lr", "warmup_steps", "repeat_fraction", "repeat_vocab",
+                                             "repeat_span")}
     assert {k: base["model"][k] for k in ("dropout", "qkv_bias", "tie_embeddings")} == \
         {"dropout": 0.1, "qkv_bias": False, "tie_embeddings": False}
-    assert (base["grad_clip"], base["weight_decay"], base["schedule"], base["precision"]) == (None, 0.1, "constant", "bf16")
+    assert (base["grad_clip"], base["weight_decay"], base["schedule"], base["precision"]) == (None, 0.1, "constant", "fp32")
     changed = {name: v["overrides"] for name, v in variants.items() if name != "baseline"}
-    assert changed == {"lr_schedule": {"schedule": "cosine", "warmup_steps": 12, "model": {}},
+    assert changed == {"lr_schedule": {"schedule": "cosine", "warmup_steps": 300, "model": {}},
                        "no_dropout": {"model": {"dropout": 0.0}}, "weight_decay_0_01": {"weight_decay": 0.01, "model": {}},
                        "qkv_bias": {"model": {"qkv_bias": True}}, "grad_clip": {"grad_clip": 1.0, "model": {}},
-                       "fp32": {"precision": "fp32", "model": {}}, "tied_embeddings": {"model": {"tie_embeddings": True}}}
+                       "mixed_precision": {"precision": "bf16", "model": {}},
+                       "tied_embeddings": {"model": {"tie_embeddings": True}},
+                       "no_repeated_spans": {"repeat_fraction": 0.0, "model": {}}}
     cfg = run_config(study, "qkv_bias", 2, tmp_path)
     assert (cfg.seed, cfg.data_order_seed, cfg.model_config().n_layers) == (2, 2, 2)
 
@@ -435,3 +443,13 @@ def test_ctrl_c_stops_side_by_side_runs_resumably_and_a_rerun_finishes_them(shak
     assert not (out / "no_dropout").exists(), "no run starts after the stop"
     actions = run_study(load_study(path), out, jobs=2, log=lambda *a: None)
     assert [a for *_, a in actions] == ["resumed", "resumed", "trained", "trained"]
+
+
+def test_best_induction_reads_the_head_the_crossing_follows():
+    from analyses import compare_learned
+
+    deeper = {"heads": {"induction": [[0.9, 0.1], [0.3, 0.4]], "previous_token": [[0.8, 0.1], [0.2, 0.1]]}}
+    assert compare_learned.best_head(deeper, "induction") == 0.4, "a layer-0 induction score is not the circuit"
+    assert compare_learned.best_head(deeper, "previous_token") == 0.8
+    assert compare_learned.best_head({"heads": {"induction": [[0.9, 0.1]]}}, "induction") == 0.9
+    assert compare_learned.best_head({"heads": {}}, "induction") is None

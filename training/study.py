@@ -2,6 +2,7 @@
 
     python -m training.study studies/reference_interventions.toml            # runs/study-<name>
     python -m training.study STUDY.toml --out runs/my-study --dry-run        # print the plan
+    python -m training.study STUDY.toml --jobs 2                             # two runs at a time
     python -m analyses.compare_runs runs/study-<name>                        # the comparison
 
 A study file (TOML)::
@@ -33,6 +34,11 @@ final checkpoint exists) and resumes an interrupted one. A run that fails (a non
 loss, say) is marked failed (``RUN/failed.json``, with the error), reported, and skipped;
 the study goes on with the others, and a re-run skips it too (delete its failed.json, or
 the run, to try it again).
+
+With ``--jobs N`` the runs train N at a time, each in its own process
+(``python -m training.study --train-run CONFIG``) with ``1/N`` of the CPU threads and its
+output in ``STUDY_DIR/logs/``; Ctrl-C or SIGTERM makes every running run save a resumable
+checkpoint and stop, and the study raises ``StudyInterrupted`` as with one job.
 """
 
 import argparse
@@ -279,6 +285,10 @@ def train_side_by_side(name: str, todo: list[tuple], *, jobs: int, stop_after: i
                     proc.send_signal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for proc in running:  # an error stops the study: its runs stop resumably, none is left behind
+            proc.send_signal(signal.SIGINT)
+        for proc in running:
+            proc.wait()
     unfinished = [f"{v} seed {s}" for (v, s), a in actions.items() if a == "interrupted"]
     if stopping or unfinished:
         raise StudyInterrupted(f"{', '.join(unfinished) or 'the study'} stopped before the last step; run the study "

@@ -30,6 +30,7 @@ from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError, HookedGPT2
 from hooked_gpt2.losses import next_token_loss
 from hooked_gpt2.memory import keep_freed_memory
+from hooked_gpt2.tokenizer import D_VOCAB
 
 from . import distributed, rundir
 from .config import DEFAULT_DATA, FIXED_ON_RESUME, TrainConfig, changed_fields, config_from_args, default_out
@@ -291,7 +292,8 @@ def vocab_fields(data: Path, model: dict) -> dict:
             raise ConfigError(f"the model sets a compact vocabulary but {data} holds GPT-2's token ids; train it on "
                               "the data it was made for (python -m data_prep.compact), or drop model.vocab")
         return {}
-    given = {k: model[k] for k in ("d_vocab", "vocab") if model.get(k) is not None}
+    # GPT-2's vocabulary size is every preset's default (config.json writes it out): not a choice.
+    given = {k: model[k] for k in ("d_vocab", "vocab") if model.get(k) not in (None, D_VOCAB)}
     fixed = {"d_vocab": len(vocab), "vocab": vocab}
     if any(given[k] != fixed[k] for k in given):
         raise ConfigError(f"{data} has a compact vocabulary of {len(vocab)} tokens (data_prep.compact), which "
