@@ -20,6 +20,7 @@ from data_prep.sources import DataPrepError
 from hooked_gpt2 import ConfigError, GPT2Config, HookedGPT2
 from hooked_gpt2.tokenizer import EOT_TOKEN, OTHER, OTHER_TEXT, CompactTokenizer, GPT2Tokenizer, get_tokenizer
 from training.config import TrainConfig
+from training.study import resolve_study, run_study
 from training.train import train
 
 SIZE = 64
@@ -140,3 +141,12 @@ def test_a_model_evaluated_on_data_in_another_vocabulary_is_refused(tiny_checkpo
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "compact vocabulary" in err and "Traceback" not in err
+
+
+def test_a_study_over_compact_data_resumes_without_retraining(compacted, tmp_path):
+    study = resolve_study({"name": "c", "seeds": [0], "baseline": {
+        "data": str(compacted), "batch_size": 2, "max_steps": 2, "eval_every": 2, "eval_batches": 1,
+        "eval_batch_size": 2, "ckpt_every": 2, "sample_tokens": 0, "precision": "fp32", "tensorboard": False}})
+    assert run_study(study, tmp_path / "study", log=lambda *a: None) == [("baseline", 0, "trained")]
+    # The saved config holds the data's vocabulary; the study file does not: still the same run.
+    assert run_study(study, tmp_path / "study", log=lambda *a: None) == [("baseline", 0, "skipped")]

@@ -213,7 +213,10 @@ def test_circuits_study_has_the_seven_interventions_and_the_repeats_with_three_s
                        "qkv_bias": {"model": {"qkv_bias": True}}, "grad_clip": {"grad_clip": 1.0, "model": {}},
                        "mixed_precision": {"precision": "bf16", "model": {}},
                        "tied_embeddings": {"model": {"tie_embeddings": True}},
-                       "no_repeated_spans": {"repeat_fraction": 0.0, "model": {}}}
+                       "no_repeated_spans": {"repeat_fraction": 0.0, "model": {}},
+                       "stacked": {"schedule": "cosine", "warmup_steps": 300, "model": {"dropout": 0.0}}}
+    # What the committed result shows helps beyond noise, and not weight tying (the reference: harmful).
+    assert variants["stacked"]["stack"] == ["lr_schedule", "no_dropout"]
     cfg = run_config(study, "qkv_bias", 2, tmp_path)
     assert (cfg.seed, cfg.data_order_seed, cfg.model_config().n_layers) == (2, 2, 2)
 

@@ -42,6 +42,7 @@ checkpoint and stop, and the study raises ``StudyInterrupted`` as with one job.
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -57,8 +58,8 @@ from hooked_gpt2 import CheckpointError, ConfigError
 from hooked_gpt2.atomic import atomic_write
 
 from . import rundir
-from .config import EXPERIMENT_ROLES, TrainConfig, changed_fields, fields_with_roles, tomllib
-from .train import TrainingError, train
+from .config import DEFAULT_DATA, EXPERIMENT_ROLES, TrainConfig, changed_fields, fields_with_roles, tomllib
+from .train import TrainingError, train, vocab_fields
 
 BASELINE = "baseline"
 STUDY_KEYS = {"name", "seeds", "vary", "init_seed", "baseline", "variants", "out"}
@@ -168,6 +169,9 @@ def run_config(study: dict, variant: str, seed: int, study_dir: Path) -> TrainCo
 def check_unchanged(cfg: TrainConfig, path: Path) -> None:
     """A run already started must have been started with this study's settings (what
     the config calls the experiment: hardware and bookkeeping settings may differ)."""
+    data = Path(cfg.data or DEFAULT_DATA)
+    if (data / "manifest.json").is_file():  # a compact vocabulary comes with the data, as training records it
+        cfg = dataclasses.replace(cfg, model={**cfg.model, **vocab_fields(data, cfg.model)})
     changed = changed_fields(rundir.read_config(path), cfg, (*EXPERIMENT_ROLES, "replicate"))
     if changed:
         raise StudyError(f"{path} was trained with other settings than the study file now gives ({changed}); "
