@@ -12,7 +12,7 @@ and ``cfg.vocab`` set, so it still reads and writes text (``model.to_tokens``,
 ``generate``) and the analyses work as on GPT-2's ids.
 
 Why: on a CPU a small model's step costs what its unembedding costs, and GPT-2's is 50,257
-wide. Over 1,024 tokens the demo's fp32 step takes about 17 ms instead of about 410 ms
+wide. Over 1,024 tokens the demo's fp32 step takes about 17 ms instead of about 450 ms
 (2 threads; ``docs/induction-recipe.md``), which turns a study of 30 runs in which an
 induction head forms from hours into about 20 minutes
 (``docs/studies/interventions_circuits.md``). Losses over a compact vocabulary are not
