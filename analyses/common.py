@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from data_prep.reader import TokenDataset, load_manifest
+from data_prep.reader import TokenDataset, load_manifest, manifest_vocab
 from hooked_gpt2 import EOT_TOKEN
 from hooked_gpt2.losses import next_token_loss
 
@@ -131,7 +131,7 @@ def logit_diff(answer: int, wrong: int | None = None, pos: int = -1) -> Metric:
 def check_data_vocab(model, data_dir: str | Path, name: str = "the model") -> None:
     """Raise unless the prepared data at ``data_dir`` holds ``model``'s token ids: GPT-2's
     for both, or the same compact vocabulary (``data_prep.compact``)."""
-    data_vocab = load_manifest(Path(data_dir)).get("vocab", {}).get("ids")
+    data_vocab = manifest_vocab(load_manifest(Path(data_dir)))
     if data_vocab == model.cfg.vocab:
         return
 

@@ -24,6 +24,7 @@ The rewrite is atomic shard by shard and ``manifest.json`` comes last, as in
 """
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.reader import TokenDataset
+from data_prep.reader import SPLITS, ShardError, TokenDataset
 from data_prep.shards import MANIFEST, remove_shards_except, remove_temporaries, write_shard
 from data_prep.sources import DataPrepError
 from hooked_gpt2.atomic import atomic_write
@@ -82,9 +83,9 @@ def compact(source: str | Path, out: str | Path, vocab_size: int, *, force: bool
         raise DataPrepError(f"--out {out} is the source itself; give a new directory")
     try:
         train = TokenDataset(source, "train")
-        splits = {"train": train, "val": TokenDataset(source, "val") if train.manifest["splits"].get("val", {}).get(
-            "shards") else None}
-    except ValueError as e:  # ShardError
+        splits = {name: TokenDataset(source, name) for name in SPLITS  # val may have been prepared empty
+                  if train.manifest["splits"].get(name, {}).get("shards")}
+    except ShardError as e:
         raise DataPrepError(f"cannot read the source: {e}") from None
     if train.vocab is not None:
         raise DataPrepError(f"{source} already has a compact vocabulary of {len(train.vocab)}; compact the data "
@@ -108,14 +109,12 @@ def compact(source: str | Path, out: str | Path, vocab_size: int, *, force: bool
     start = time.perf_counter()
     vocab = choose_vocab(token_counts(train), vocab_size)
     table = np.asarray(compact_table(vocab), dtype=np.uint16)
-    manifest = json.loads((source / MANIFEST).read_text())
+    manifest = copy.deepcopy(train.manifest)  # the source's, with the new shards' hashes and the vocabulary
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the output is unfinished
     other_fraction = {}
     try:
         for name, dataset in splits.items():
-            if dataset is None:
-                continue
             other, total = 0, 0
             for entry, shard in zip(manifest["splits"][name]["shards"], dataset.shards):
                 ids = table[shard]

@@ -70,6 +70,12 @@ def open_shard(path: Path, expected_tokens: int | None = None) -> np.memmap:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
+def manifest_vocab(manifest: dict) -> list[int] | None:
+    """A compact vocabulary's GPT-2 id of each token id (``data_prep.compact``), or None for
+    data in GPT-2's own ids."""
+    return manifest.get("vocab", {}).get("ids")
+
+
 class TokenDataset:
     """One split of prepared data as a single memory-mapped token stream.
 
@@ -88,8 +94,7 @@ class TokenDataset:
             raise ShardError(f"{self.data_dir / MANIFEST} has no {split!r} shards"
                              f"{' (prepared with --val-tokens 0)' if split == 'val' else ''}; "
                              "prepare the data again with a non-empty split")
-        # A compact vocabulary (data_prep.compact): the GPT-2 id of each token id, or None.
-        self.vocab: list[int] | None = self.manifest.get("vocab", {}).get("ids")
+        self.vocab = manifest_vocab(self.manifest)
         self.shards = []
         for entry in entries:
             path = self.data_dir / entry["file"]

@@ -150,6 +150,10 @@ class GPT2Tokenizer:
         ids = [int(i) for i in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
         if skip_special_tokens:
             ids = [i for i in ids if i != self.eos_token_id]
+        return self.decode_ids(ids)
+
+    def decode_ids(self, ids: list[int]) -> str:
+        """The text of a list of ids, special tokens included."""
         return self.encoding.decode(ids)
 
     def batch_decode(self, rows, skip_special_tokens: bool = False, **_) -> list[str]:
@@ -241,10 +245,7 @@ class CompactTokenizer(GPT2Tokenizer):
     def encode_ordinary(self, text: str) -> list[int]:
         return [self.table[i] for i in self.encoding.encode_ordinary(text)]
 
-    def decode(self, ids, skip_special_tokens: bool = False, **_) -> str:
-        ids = [int(i) for i in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
-        if skip_special_tokens:
-            ids = [i for i in ids if i != self.eos_token_id]
+    def decode_ids(self, ids: list[int]) -> str:
         bad = [i for i in ids if not 0 <= i < len(self.vocab)]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside this compact vocabulary of {len(self.vocab)}")

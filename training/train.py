@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data_prep.reader import BatchLoader, ShardError, TokenDataset, load_manifest
+from data_prep.reader import BatchLoader, ShardError, TokenDataset, load_manifest, manifest_vocab
 from data_prep.repeats import RepeatedSpans, frequent_tokens
 from data_prep.sources import DataPrepError
 from hooked_gpt2 import CheckpointError, ConfigError, HookedGPT2
@@ -286,7 +286,7 @@ def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
 def vocab_fields(data: Path, model: dict) -> dict:
     """The model fields the data fixes: over a compact vocabulary (``data_prep.compact``)
     its size and ids, which config.json then records; none over GPT-2's ids."""
-    vocab = load_manifest(data).get("vocab", {}).get("ids")
+    vocab = manifest_vocab(load_manifest(data))
     if vocab is None:
         if model.get("vocab") is not None:
             raise ConfigError(f"the model sets a compact vocabulary but {data} holds GPT-2's token ids; train it on "
