@@ -213,7 +213,8 @@ def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = No
                 overrides = {"resume": True} if state == "interrupted" else {"overwrite": True}
                 todo.append((variant, seed, TrainConfig.from_dict({**cfg.to_dict(), **overrides}),
                              "resumed" if state == "interrupted" else "trained"))
-    train_runs = train_one_at_a_time if jobs == 1 else functools.partial(train_side_by_side, jobs=jobs)
+    train_runs = (train_one_at_a_time if jobs == 1
+                  else functools.partial(train_side_by_side, jobs=jobs, logs=study_dir / "logs"))
     actions.update(train_runs(study["name"], todo, stop_after=stop_after, log=log))
     return [(variant, seed, actions[variant, seed]) for variant in study["variants"] for seed in study["seeds"]]
 
@@ -244,9 +245,9 @@ def train_one_at_a_time(name: str, todo: list[tuple], *, stop_after: int | None,
 RUN_FAILED, RUN_USER_ERROR = 3, 2
 
 
-def train_side_by_side(name: str, todo: list[tuple], *, jobs: int, stop_after: int | None, log) -> dict:
+def train_side_by_side(name: str, todo: list[tuple], *, jobs: int, logs: Path, stop_after: int | None, log) -> dict:
     """Train the runs of ``todo`` ``jobs`` at a time, each in a subprocess with its share of
-    the CPU threads; its output goes to ``STUDY_DIR/logs/<variant>_seed_<n>.log``. Ctrl-C or
+    the CPU threads; its output goes to ``logs/<variant>_seed_<n>.log``. Ctrl-C or
     SIGTERM asks every running run to save a resumable checkpoint and stop."""
     if stop_after is not None:
         raise StudyError("stop_after needs jobs=1")
@@ -254,7 +255,6 @@ def train_side_by_side(name: str, todo: list[tuple], *, jobs: int, stop_after: i
         return {}
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    logs = Path(todo[0][2].out).parents[1] / "logs"
     logs.mkdir(exist_ok=True)
     pending, running, actions, stopping = list(todo), {}, {}, False
 
