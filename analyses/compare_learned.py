@@ -26,6 +26,8 @@ SHARE = 0.8  # concentration: how many heads carry this share of the in-context-
 LABELS = {
     "crossing_step": "step at which the induction head forms (best induction score >= 0.5)",
     "crossing_tokens": "tokens seen when the induction head forms",
+    "previous_token_step": "step at which a previous-token head forms (best previous-token score >= 0.5)",
+    "loss_rise_after_crossing": "validation loss at the last checkpoint above its lowest from the induction crossing on",
     "final_icl": "in-context learning score at the last checkpoint",
     "max_icl": "largest in-context learning score over training",
     "best_previous_token": "best previous-token score at the last checkpoint",
@@ -75,6 +77,8 @@ def run_values(results: dict | None) -> dict[str, float | None]:
     values = {
         "crossing_step": _number(crossing.get("step")),
         "crossing_tokens": _number(crossing.get("tokens_seen")),
+        "previous_token_step": previous_token_step(results),
+        "loss_rise_after_crossing": _number(((results.get("formation") or {}).get("loss") or {}).get("rise")),
         "final_icl": _number(last.get("icl")),
         "max_icl": max(icl) if icl else None,
         "best_previous_token": best_head(last, "previous_token"),
@@ -85,6 +89,14 @@ def run_values(results: dict | None) -> dict[str, float | None]:
     for i, loss in enumerate(last.get("logit_lens") or []):
         values[f"logit_lens_{i}"] = _number(loss)
     return values
+
+
+def previous_token_step(results: dict) -> int | None:
+    """The first step at which any head's previous-token score reaches the crossing
+    threshold (None: never, or no head scores)."""
+    steps = [s for s in ((results.get("formation") or {}).get("previous_token_crossings") or {}).values()
+             if isinstance(s, int)]
+    return min(steps) if steps else None
 
 
 def logit_lens_label(i: int) -> str:

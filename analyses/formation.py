@@ -153,6 +153,19 @@ def view_steps(rows: list[dict], head: tuple[int, int], threshold: float) -> lis
     return [("before", steps[before]), ("during", steps[crossed]), ("after", steps[-1])]
 
 
+def loss_around(rows: list[dict], steps: dict[str, int]) -> dict | None:
+    """The validation loss at each of ``steps`` (label -> step: before, during, after) and
+    ``rise``: how far the last checkpoint's loss is above the lowest from the "during"
+    checkpoint on (0 when the loss keeps falling after the circuit forms; Olsson et al. see
+    it fall at the phase change). None without validation losses or a crossing."""
+    losses = {r["step"]: r.get("val_loss") for r in rows}
+    if "during" not in steps or any(losses.get(step) is None for step in steps.values()):
+        return None
+    after = [loss for step, loss in losses.items() if step >= steps["during"] and loss is not None]
+    return {**{label: {"step": step, "val_loss": losses[step]} for label, step in steps.items()},
+            "lowest_after": min(after), "rise": losses[rows[-1]["step"]] - min(after)}
+
+
 def attention_views(checkpoints: dict[int, Path], steps: list[int], head: tuple[int, int],
                     tokens: Int[Tensor, "batch pos"], load) -> Float[Tensor, "view query_pos key_pos"]:
     """``head``'s attention on the first sequence of ``tokens`` at each of ``steps``."""

@@ -57,7 +57,7 @@ from . import cli
 from .ablation import head_ablation
 from .common import AnalysisError
 from .formation import (Probes, attention_views, best_head, best_induction_head, first_crossings, k_composition,
-                        text_icl, view_steps)
+                        loss_around, text_icl, view_steps)
 from .heads import DETECTORS, repeated_random_tokens, scores_from_patterns
 from .html import Page, heatmap
 from .logit_lens import per_layer_loss
@@ -247,7 +247,7 @@ def formation(rows: list[dict], checkpoints: dict[int, Path], options: dict, pro
     return {"previous_token_crossings": first_crossings(rows, "previous_token", CROSSING),
             "induction_crossings": first_crossings(rows, "induction", CROSSING),
             "induction_head": list(head), "previous_token_head": None if source is None else list(source),
-            "view_tokens": model.to_str_tokens(tokens[0]), "views": views}
+            "view_tokens": model.to_str_tokens(tokens[0]), "views": views, "loss": loss_around(rows, dict(steps))}
 
 
 def logged_val_losses(run_dir: Path) -> dict[int, float]:
@@ -426,6 +426,14 @@ def story(results: dict) -> str:
             if b.get(key) is not None and a.get(key) is not None:
                 parts.append(f"{name}: {b[key]:.2f} at step {b['step']}, {views['during'][key]:.2f} at step "
                              f"{views['during']['step']}, {a[key]:.2f} at step {a['step']}.")
+    loss = f.get("loss")
+    if loss is not None:
+        parts.append(f"Validation loss: {loss['before']['val_loss']:.2f} at step {loss['before']['step']}, "
+                     f"{loss['during']['val_loss']:.2f} at the crossing, {loss['after']['val_loss']:.2f} at step "
+                     f"{loss['after']['step']}; " + (
+                         "it does not rise after the crossing." if loss["rise"] <= 0 else
+                         f"the last checkpoint is {loss['rise']:.2f} above its lowest after the crossing "
+                         f"({loss['lowest_after']:.2f})."))
     return " ".join(parts)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_prep.compact import compact
 from data_prep.encode import encode_documents
 from data_prep.shards import (
     HEADER_INT32, MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, ShardWriter,
@@ -138,8 +139,11 @@ def prepare(source: str, out: str | Path, *, max_tokens: int | None = None,
     return out
 
 
-def ensure_default_data(out: str | Path = "data/python-stdlib", **kwargs) -> Path:
-    """The embedded python-stdlib corpus under ``out``, prepared on first use.
+def ensure_default_data(out: str | Path = "data/python-stdlib", *, vocab_size: int | None = None,
+                        compact_out: str | Path | None = None, **kwargs) -> Path:
+    """The embedded python-stdlib corpus under ``out``, prepared on first use; with
+    ``vocab_size``, also rewritten over a compact vocabulary of that many tokens into
+    ``compact_out`` (``data_prep.compact``), which is returned then.
 
     Under DDP, call it on one rank and wait at a barrier: two processes preparing the
     same directory at once would race on its temporary files.
@@ -147,7 +151,10 @@ def ensure_default_data(out: str | Path = "data/python-stdlib", **kwargs) -> Pat
     >>> data_dir = ensure_default_data(tmp_path / "stdlib-demo", max_tokens=50_000, val_tokens=5_000,
     ...                                progress=False, log=lambda *a: None)
     """
-    return prepare("python-stdlib", out, **kwargs)
+    data = prepare("python-stdlib", out, **kwargs)
+    if vocab_size is None:
+        return data
+    return compact(data, compact_out, vocab_size, log=kwargs.get("log", print))
 
 
 def default_workers() -> int:

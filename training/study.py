@@ -58,8 +58,8 @@ from hooked_gpt2 import CheckpointError, ConfigError
 from hooked_gpt2.atomic import atomic_write
 
 from . import rundir
-from .config import DEFAULT_DATA, EXPERIMENT_ROLES, TrainConfig, changed_fields, fields_with_roles, tomllib
-from .train import TrainingError, train, vocab_fields
+from .config import EXPERIMENT_ROLES, TrainConfig, default_data, changed_fields, fields_with_roles, tomllib
+from .train import TrainingError, prepare_default_data, train, vocab_fields
 
 BASELINE = "baseline"
 STUDY_KEYS = {"name", "seeds", "vary", "init_seed", "baseline", "variants", "out"}
@@ -169,7 +169,7 @@ def run_config(study: dict, variant: str, seed: int, study_dir: Path) -> TrainCo
 def check_unchanged(cfg: TrainConfig, path: Path) -> None:
     """A run already started must have been started with this study's settings (what
     the config calls the experiment: hardware and bookkeeping settings may differ)."""
-    data = Path(cfg.data or DEFAULT_DATA)
+    data = Path(cfg.data or default_data(cfg.preset)[0])
     if (data / "manifest.json").is_file():  # a compact vocabulary comes with the data, as training records it
         cfg = dataclasses.replace(cfg, model={**cfg.model, **vocab_fields(data, cfg.model)})
     changed = changed_fields(rundir.read_config(path), cfg, (*EXPERIMENT_ROLES, "replicate"))
@@ -196,9 +196,12 @@ def run_study(study: dict, study_dir: str | Path, *, stop_after: int | None = No
     plan = {k: v for k, v in study.items() if k != "out"}
     rundir.write_study(study_dir, plan)
     actions, todo = {}, []
+    configs = {(v, s): run_config(study, v, s, study_dir) for v in study["variants"] for s in study["seeds"]}
+    for preset in sorted({cfg.preset for cfg in configs.values() if cfg.data is None}):
+        prepare_default_data(preset, progress=False)  # once, here: runs side by side would race to make it
     for variant in study["variants"]:
         for seed in study["seeds"]:
-            cfg = run_config(study, variant, seed, study_dir)
+            cfg = configs[variant, seed]
             path = Path(cfg.out)
             state = rundir.run_status(path)
             if state != "new":

@@ -33,7 +33,8 @@ from hooked_gpt2.memory import keep_freed_memory
 from hooked_gpt2.tokenizer import D_VOCAB
 
 from . import distributed, rundir
-from .config import DEFAULT_DATA, FIXED_ON_RESUME, TrainConfig, changed_fields, config_from_args, default_out
+from .config import (DEFAULT_DATA, FIXED_ON_RESUME, TrainConfig, changed_fields, config_from_args, default_data,
+                     default_out)
 from .evaluate import evaluate, fixed_val_batches, sample
 from .logger import Logger
 from .mfu import flops_per_token
@@ -261,11 +262,9 @@ def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
     data = cfg.data
     if data is None:
         if d.is_main:
-            from data_prep.prepare import ensure_default_data
-
-            ensure_default_data(DEFAULT_DATA, progress=cfg.progress)
+            data = prepare_default_data(cfg.preset, progress=cfg.progress)
         distributed.barrier(d)
-        data = DEFAULT_DATA
+        data = default_data(cfg.preset)[0]
     if not (Path(data) / "manifest.json").is_file():
         raise ConfigError(f"no prepared data at {data} (no manifest.json); prepare it with "
                           f"python -m data_prep.prepare --source ... --out {data} (then python -m data_prep.compact for a "
@@ -281,6 +280,16 @@ def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
                                       "max_steps": cfg.resolved_max_steps(d.world_size), "max_tokens": None})
     resolved.grad_accum_steps(d.world_size)  # raises if the batch does not divide
     return resolved
+
+
+def prepare_default_data(preset: str, progress: bool = True) -> str:
+    """The data a run of ``preset`` trains on without ``--data`` (``default_data``), prepared
+    from the embedded corpus if it is not there yet. Call it from one process at a time."""
+    from data_prep.prepare import ensure_default_data
+
+    data, vocab_size = default_data(preset)
+    ensure_default_data(DEFAULT_DATA, vocab_size=vocab_size, compact_out=data, progress=progress)
+    return data
 
 
 def vocab_fields(data: Path, model: dict) -> dict:
