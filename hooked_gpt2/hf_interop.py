@@ -129,7 +129,9 @@ def from_hf(cls, dir_or_model, device=None, dtype=None):
         hf_config = dir_or_model.config.to_dict()
         read_config, read_state = hf_format(hf_config, source)
         cfg = read_config(hf_config, source)
-        hf_state = dir_or_model.state_dict()
+        # Copies: the caller's model keeps its tensors whatever we later do to ours
+        # (training steps, weight processing). A directory's tensors are fresh anyway.
+        hf_state = {name: tensor.detach().clone() for name, tensor in dir_or_model.state_dict().items()}
     model = cls(cfg)
     load_state_into(model, read_state(hf_state, cfg), source)
     if cfg.tie_embeddings:

@@ -26,6 +26,11 @@ The unprocessed model stays the default, for training and exact Hugging Face par
 ``HookedGPT2.from_hf(dir, process_weights=True)`` or ``model.process_weights_()`` gives
 TransformerLens's defaults. Processing unties the unembedding from the embedding and
 gives the unembedding (and the QKV projection, if it had none) a bias.
+
+Every step writes new tensors into the model's parameters (``param.data = ...``) rather
+than writing into the old ones, so a tensor the model shares with something else (a
+state dict loaded with ``assign=True``, a Hugging Face model, another HookedGPT2) keeps
+its values: processing changes this model and nothing else.
 """
 
 import einops
@@ -35,6 +40,17 @@ from torch import Tensor, nn
 from .components import RMSNorm, RMSNormPre
 from .factored_matrix import FactoredMatrix
 from .model import LayerNorm, LNPre
+
+
+def _replace(param: nn.Parameter, value: Tensor) -> None:
+    """Give ``param`` the new tensor ``value``, leaving its old tensor (maybe shared) as it was."""
+    param.data = value
+
+
+def _own(param: nn.Parameter) -> nn.Parameter:
+    """``param`` with a tensor of its own, for steps that write into parts of it."""
+    param.data = param.detach().clone()
+    return param
 
 
 def _ensure_bias(linear: nn.Linear) -> Tensor:
@@ -57,10 +73,11 @@ def _fold_into(ln: nn.Module, readers: list[nn.Linear], center_weights: bool) ->
     for reader in readers:
         if isinstance(ln, LayerNorm):
             bias = _ensure_bias(reader)
-            bias += reader.weight @ ln.bias
-        reader.weight *= ln.weight
+            _replace(bias, bias + reader.weight @ ln.bias)
+        weight = reader.weight * ln.weight
         if center_weights and isinstance(ln, LayerNorm):
-            reader.weight -= reader.weight.mean(1, keepdim=True)
+            weight = weight - weight.mean(1, keepdim=True)
+        _replace(reader.weight, weight)
 
 
 def _mlp_readers(mlp: nn.Module) -> list[nn.Linear]:
@@ -69,9 +86,9 @@ def _mlp_readers(mlp: nn.Module) -> list[nn.Linear]:
 
 def _center_writer(linear: nn.Linear) -> None:
     """A projection into the residual stream (weight ``[d_model in]``) writes mean-zero vectors."""
-    linear.weight -= linear.weight.mean(0, keepdim=True)
+    _replace(linear.weight, linear.weight - linear.weight.mean(0, keepdim=True))
     if linear.bias is not None:
-        linear.bias -= linear.bias.mean()
+        _replace(linear.bias, linear.bias - linear.bias.mean())
 
 
 @torch.no_grad()
@@ -106,7 +123,7 @@ def center_writing_weights(model) -> None:
                          "so centring would change the model (process_weights_ skips it for RMSNorm models)")
     _untie_unembedding(model)  # centring W_E must not centre W_U with it
     for embedding in (model.embed, model.pos_embed) if model.learned_positions else (model.embed,):
-        embedding.weight -= embedding.weight.mean(1, keepdim=True)
+        _replace(embedding.weight, embedding.weight - embedding.weight.mean(1, keepdim=True))
     for block in model.blocks:
         _center_writer(block.attn.out)
         if not model.cfg.attn_only:
@@ -117,8 +134,8 @@ def center_writing_weights(model) -> None:
 def center_unembed(model) -> None:
     """Give W_U and b_U zero mean over the vocabulary."""
     _untie_unembedding(model)
-    model.unembed.weight -= model.unembed.weight.mean(0, keepdim=True)
-    model.unembed.bias -= model.unembed.bias.mean()
+    _replace(model.unembed.weight, model.unembed.weight - model.unembed.weight.mean(0, keepdim=True))
+    _replace(model.unembed.bias, model.unembed.bias - model.unembed.bias.mean())
 
 
 @torch.no_grad()
@@ -130,11 +147,9 @@ def fold_value_biases(model, center: bool = False) -> None:
         if attn.qkv.bias is None:
             continue
         value_bias = attn.qkv.bias.view(3, -1)[2]
-        _ensure_bias(attn.out)
-        attn.out.bias += attn.out.weight @ value_bias
-        value_bias.zero_()
-        if center:
-            attn.out.bias -= attn.out.bias.mean()
+        out_bias = _ensure_bias(attn.out) + attn.out.weight @ value_bias
+        _replace(attn.out.bias, out_bias - out_bias.mean() if center else out_bias)
+        _own(attn.qkv.bias).view(3, -1)[2] = 0
 
 
 def _set_head_weights(attn, which: int, W: Tensor, b: Tensor) -> None:
@@ -153,6 +168,7 @@ def refactor_factored_attn_matrices(model) -> None:
     for block in model.blocks:
         attn = block.attn
         _ensure_bias(attn.qkv)
+        _own(attn.qkv.weight), _own(attn.qkv.bias)  # _set_head_weights writes into them
         W_Q = torch.cat([attn.W_Q, attn.b_Q[:, None, :]], dim=1)  # the bias as an extra input row
         W_K = torch.cat([attn.W_K, attn.b_K[:, None, :]], dim=1)
         Q, K_T = FactoredMatrix(W_Q, W_K.transpose(-2, -1)).make_even().pair
@@ -161,7 +177,7 @@ def refactor_factored_attn_matrices(model) -> None:
         _set_head_weights(attn, 1, K[:, :-1], K[:, -1])
         U, S, V = FactoredMatrix(attn.W_V, attn.W_O).svd()
         _set_head_weights(attn, 2, U * S[:, None, :], torch.zeros_like(attn.b_V))
-        attn.out.weight.copy_(einops.rearrange(V, "head d_model d_head -> d_model (head d_head)"))
+        _replace(attn.out.weight, einops.rearrange(V, "head d_model d_head -> d_model (head d_head)").contiguous())
     model.cfg.qkv_bias = True
 
 

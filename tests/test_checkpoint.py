@@ -93,3 +93,21 @@ def test_pickle_is_never_loaded(model, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr("pickle.load", refuse)
     HookedGPT2.from_pretrained(tmp_path)
+
+
+def test_loading_and_processing_leave_the_checkpoint_and_earlier_loads_untouched(model, tmp_path):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln" in name or name.startswith("ln_final"):
+                p.normal_(1, 0.3)
+    model.save_pretrained(tmp_path)
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    earlier = HookedGPT2.from_pretrained(tmp_path)
+    tokens = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = earlier(tokens)
+    processed = HookedGPT2.from_pretrained(tmp_path, process_weights=True)
+    with torch.no_grad():
+        processed.process_weights_()  # a second pass, as a notebook might
+        assert torch.equal(earlier(tokens), expected)
+    assert files == {path.name: path.read_bytes() for path in tmp_path.iterdir()}
