@@ -1,7 +1,11 @@
 """Hook points: identity modules on every activation worth reading, named by module path.
 
 A hook is ``fn(activation, hook) -> tensor | None``; returning a tensor replaces the
-activation downstream. Backward hooks get the gradient of the activation instead.
+activation downstream. Backward hooks get the gradient of the activation instead. What a
+hook returns is checked: None (unchanged) or a tensor of exactly the activation's shape,
+which is cast to the activation's dtype and device if it has others; anything else
+raises ``HookOutputError`` naming the hook point, the shape expected and what came back
+(a wrong shape would otherwise broadcast into wrong numbers, or fail deep inside torch).
 Hooks are attached only for the length of a ``with model.hooks(...)`` block, and are
 removed in ``finally`` even when the run raises.
 """
@@ -22,6 +26,33 @@ class HookError(KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
         return str(self.args[0])
+
+
+class HookOutputError(ValueError):
+    """A hook returned something other than None or a tensor of its activation's shape."""
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"a {type(value).__name__} ({text[:60] + '...' if len(text) > 60 else text})"
+
+
+def checked_output(returned, activation: torch.Tensor, hook: "HookPoint", fn, direction: str):
+    """What a hook returned, as the activation (or gradient) that replaces ``activation``."""
+    if returned is None:
+        return None
+    if isinstance(returned, torch.Tensor) and returned.shape == activation.shape:
+        if returned.dtype != activation.dtype or returned.device != activation.device:
+            returned = returned.to(device=activation.device, dtype=activation.dtype)
+        return returned
+    what = "gradient" if direction == "bwd" else "activation"
+    raise HookOutputError(
+        f"the {'backward' if direction == 'bwd' else 'forward'} hook {getattr(fn, '__name__', repr(fn))} on "
+        f"{hook.name or 'an unnamed hook point'} returned {_describe(returned)}; a hook must return None (to leave "
+        f"the {what} unchanged) or a tensor of the {what}'s shape {tuple(activation.shape)}"
+    )
 
 
 class HookPoint(nn.Module):
@@ -63,7 +94,7 @@ class HookPoint(nn.Module):
         if direction == "fwd":
 
             def forward_hook(module, inputs, output):
-                return fn(output, self)
+                return checked_output(fn(output, self), output, self, fn, "fwd")
 
         elif direction == "bwd":
             # A tensor hook on the activation sees exactly its gradient and may replace it.
@@ -73,7 +104,7 @@ class HookPoint(nn.Module):
             def forward_hook(module, inputs, output):
                 if output.requires_grad:
                     output = output.view_as(output)
-                    output.register_hook(lambda grad: fn(grad, self))
+                    output.register_hook(lambda grad: checked_output(fn(grad, self), grad, self, fn, "bwd"))
                     return output
 
         else:
