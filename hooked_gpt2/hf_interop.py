@@ -18,6 +18,7 @@ import torch
 from . import llama_interop
 from .checkpoint import (
     CheckpointError, atomic_save_safetensors, atomic_write, load_state_into, load_weights, read_json,
+    refuse_to_overwrite,
 )
 from .config import ConfigError, GPT2Config
 from .model_card import model_card
@@ -228,7 +229,8 @@ def gpt2_export_problems(cfg: GPT2Config) -> list[str]:
     return problems
 
 
-def save_hf(model, path, source=None) -> Path:
+def save_hf(model, path, source=None, overwrite: bool = False) -> Path:
+    refuse_to_overwrite(Path(path), overwrite, "save_hf")
     cfg = model.cfg
     if cfg.vocab is not None:
         raise ConfigError(f"this model reads a compact vocabulary of {cfg.d_vocab} tokens (data_prep.compact), whose "

@@ -548,10 +548,11 @@ class HookedGPT2(TextMixin, HookedRootModule):
         return self
 
     # Checkpoints.
-    def save_pretrained(self, path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically)."""
+    def save_pretrained(self, path, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically). A
+        directory that exists and is not empty is refused unless ``overwrite=True``."""
         self._check_unprocessed("save_pretrained")
-        return checkpoint.save_pretrained(self, path)
+        return checkpoint.save_pretrained(self, path, overwrite)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, process_weights: bool = False, **processing) -> "HookedGPT2":
@@ -718,13 +719,14 @@ class HookedGPT2(TextMixin, HookedRootModule):
         model = hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
         return model.process_weights_(**processing) if process_weights else model
 
-    def save_hf(self, path, source=None) -> Path:
+    def save_hf(self, path, source=None, overwrite: bool = False) -> Path:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` (or, for
         the Llama architecture, ``LlamaForCausalLM``) loads as an exactly equivalent model,
         with GPT-2's tokenizer files for ``pipeline`` and a README.md model card from the run
-        beside checkpoint ``source`` (default: the directory this model was loaded from)."""
+        beside checkpoint ``source`` (default: the directory this model was loaded from).
+        A directory that exists and is not empty is refused unless ``overwrite=True``."""
         self._check_unprocessed("save_hf")
-        return hf_interop.save_hf(self, path, source)
+        return hf_interop.save_hf(self, path, source, overwrite)
 
 
 def _detached(out):

@@ -111,3 +111,30 @@ def test_loading_and_processing_leave_the_checkpoint_and_earlier_loads_untouched
         processed.process_weights_()  # a second pass, as a notebook might
         assert torch.equal(earlier(tokens), expected)
     assert files == {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("save", ["save_pretrained", "save_hf"])
+def test_saving_refuses_to_replace_a_checkpoint_or_a_non_empty_directory(save, tmp_path):
+    torch.manual_seed(0)
+    first = HookedGPT2(GPT2Config(n_layers=1, d_model=32, n_heads=4, n_ctx=16, d_vocab=101))
+    second = HookedGPT2(GPT2Config(n_layers=1, d_model=32, n_heads=4, n_ctx=16, d_vocab=101))
+    ckpt = getattr(first, save)(tmp_path / "ckpt")
+    (ckpt / "state.json").write_text('{"step": 10}\n')  # what a run keeps beside the weights
+    files = {path.name: path.read_bytes() for path in ckpt.iterdir()}
+    with pytest.raises(CheckpointError, match="already a checkpoint .*overwrite=True"):
+        getattr(second, save)(ckpt)
+    assert files == {path.name: path.read_bytes() for path in ckpt.iterdir()}  # the old files, whole
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="non-empty directory .*todo.txt"):
+        getattr(second, save)(notes)
+    with pytest.raises(CheckpointError, match="is a file"):
+        getattr(second, save)(notes / "todo.txt", overwrite=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    getattr(second, save)(empty)  # an empty directory is free
+    getattr(second, save)(ckpt, overwrite=True)
+    assert (ckpt / "state.json").read_text() == '{"step": 10}\n'  # overwrite replaces only what it writes
+    load = HookedGPT2.from_pretrained if save == "save_pretrained" else HookedGPT2.from_hf
+    assert torch.equal(load(ckpt).W_E, second.W_E)
