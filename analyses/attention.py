@@ -6,6 +6,7 @@ The page inlines circuitsvis's bundle once (see ``analyses.html``); circuitsvis'
 Command line: ``python -m analyses.attention --checkpoint DIR --out DIR --prompt "..." --layers 0,1``.
 """
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -27,7 +28,8 @@ def attention_patterns(
     layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
     if cache is None:
         names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
-        _, cache = model.run_with_cache(tokens[:1], names_filter=names)
+        with torch.no_grad():  # no gradient wanted: no graph kept
+            _, cache = model.run_with_cache(tokens[:1], names_filter=names)
     cached = cache["pattern", layers[0]].shape[-1] if layers else tokens.shape[1]
     if cached != tokens.shape[1]:  # a cache of another prompt would be drawn under these labels
         raise AnalysisError(f"the cache holds a run of {cached} tokens but tokens has {tokens.shape[1]}: "

@@ -33,6 +33,8 @@ state dict loaded with ``assign=True``, a Hugging Face model, another HookedGPT2
 its values: processing changes this model and nothing else.
 """
 
+import copy
+
 import einops
 import torch
 from torch import Tensor, nn
@@ -212,3 +214,70 @@ def process_weights_(
         steps.fold_value_biases(model, center=center_writing_weights)
     if refactor_factored_attn_matrices:
         steps.refactor_factored_attn_matrices(model)
+
+
+# TransformerLens's processing steps as model methods (``model.fold_layer_norm(...)``):
+# given a state dict they return a processed copy, as TransformerLens 3.x does; without
+# one they process the model in place.
+STEP_FUNCTIONS = {
+    "fold_layer_norm": lambda model, fold_biases=True, center_weights=True: fold_ln(model, center_weights),
+    "center_writing_weights": lambda model: center_writing_weights(model),
+    "center_unembed": lambda model: center_unembed(model),
+    "fold_value_biases": lambda model: fold_value_biases(model),
+    "refactor_factored_attn_matrices": lambda model: refactor_factored_attn_matrices(model),
+}
+
+
+def apply_step(model, step: str, state_dict: dict | None = None, **options):
+    """Run processing ``step`` on ``model`` in place (returning it) or, given a state dict
+    in HookedGPT2's layout (``model.state_dict()`` of an unprocessed or processed model),
+    on a copy of that state dict, which is returned and never written into."""
+    if step == "fold_layer_norm":
+        _check_fold_options(model, **options)
+    if state_dict is None:
+        STEP_FUNCTIONS[step](model, **options)
+        return model
+    scratch = _model_holding(model, state_dict)
+    STEP_FUNCTIONS[step](scratch, **options)
+    return {name: tensor.detach().clone() for name, tensor in scratch.state_dict().items()}
+
+
+def _check_fold_options(model, fold_biases: bool = True, center_weights: bool = True) -> None:
+    rms = model.cfg.norm == "rmsnorm"
+    if not rms and not fold_biases:
+        raise ValueError("fold_biases=False would drop the layer norms' biases, which LNPre has no room for: "
+                         "TransformerLens passes it for RMSNorm models only (they have none); fold them (the default)")
+    if rms and center_weights:
+        raise ValueError("center_weights=True on an RMSNorm model: its readers see an uncentred stream, so centring "
+                         "them would change the model (TransformerLens would do it anyway); pass center_weights=False, "
+                         "as TransformerLens's own processing of RMSNorm models does")
+
+
+def _model_holding(model, state_dict: dict) -> nn.Module:
+    """A model of ``model``'s class and shape holding ``state_dict``'s tensors (no copies),
+    built for the processing stage the state dict is at: folded or not, with the biases
+    and the (always untied) unembedding its keys say it has."""
+    if any(name.endswith((".W_Q", ".W_E", ".W_U")) for name in state_dict):
+        raise ValueError(
+            "this state dict is in TransformerLens's layout (embed.W_E, blocks.0.attn.W_Q, ...); HookedGPT2's fuses Q, "
+            "K and V (blocks.0.attn.qkv.weight): pass the state_dict() of a HookedGPT2 (see docs/transformerlens.md)"
+        )
+    cfg = copy.copy(model.cfg)
+    cfg.normalization_type = "RMS" if cfg.norm == "rmsnorm" else "LN"
+    cfg.qkv_bias = "blocks.0.attn.qkv.bias" in state_dict
+    cfg.attn_bias = "blocks.0.attn.out.bias" in state_dict
+    cfg.mlp_bias = cfg.attn_only or "blocks.0.mlp.fc_in.bias" in state_dict
+    cfg.tie_embeddings = False  # processing unties before writing either, so untied is equivalent
+    state_dict = dict(state_dict)
+    state_dict.setdefault("unembed.weight", state_dict.get("embed.weight"))
+    with torch.device("meta"):
+        scratch = type(model)(cfg)
+    if "ln_final.weight" not in state_dict:
+        fold_ln(scratch)
+    if "unembed.bias" in state_dict:
+        _ensure_bias(scratch.unembed)
+    try:
+        scratch.load_state_dict(state_dict, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"the state dict does not fit this model's architecture at any processing stage: {e}") from None
+    return scratch.eval()
