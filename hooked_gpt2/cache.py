@@ -95,7 +95,9 @@ def slice_pos(tensor: Tensor, pos_slice, dim: int) -> Tensor:
         index = [slice(None)] * tensor.dim()
         index[dim] = pos_slice
         return tensor[tuple(index)]
-    return tensor.index_select(dim % tensor.dim(), torch.as_tensor(pos_slice, device=tensor.device).long().reshape(-1))
+    dim = dim % tensor.dim()
+    index = torch.as_tensor(pos_slice, device=tensor.device).long().reshape(-1)
+    return tensor.index_select(dim, torch.where(index < 0, index + tensor.shape[dim], index))  # -1 is the last
 
 
 class ActivationCache:
@@ -121,7 +123,10 @@ class ActivationCache:
         return self.cache_dict[key]
 
     def __contains__(self, key) -> bool:
-        return self._full_name(key) in self.cache_dict
+        try:
+            return self._full_name(key) in self.cache_dict
+        except KeyError:  # an unknown short name is simply not in the cache
+            return False
 
     def _full_name(self, key) -> str:
         if isinstance(key, tuple):

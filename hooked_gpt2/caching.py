@@ -7,7 +7,8 @@ As in TransformerLens, the run keeps torch's grad mode: with grad enabled the ou
 keeps its ``grad_fn`` (``metric(logits).backward()`` works), while what is cached is
 detached. ``pos_slice`` cuts the position axis of each cached tensor: the third from
 last for per-head activations ``[batch pos head_index ...]``, the second from last for
-the rest (the query axis of attention scores and patterns).
+the rest (the query axis of attention scores and patterns); an int keeps the axis (as
+``[i]`` does), as TransformerLens's does.
 """
 
 import functools
@@ -52,7 +53,9 @@ class CachingMixin:
         """
         cache = {} if cache is None else cache
         names = self.cached_names(names_filter)
-        if pos_slice is not None and any(name.endswith(TL_CUTS_HEADS) for name in names):
+        if isinstance(pos_slice, int):
+            pos_slice = [pos_slice]  # keeps the position axis
+        if pos_slice is not None and any(name.endswith(TL_CUTS_HEADS) and self._fires(name) for name in names):
             warnings.warn(
                 "pos_slice cuts the position axis of hook_rot_q/rot_k/attn_in/q_input/k_input/v_input; "
                 "TransformerLens cuts their head axis instead", stacklevel=3,
@@ -73,6 +76,12 @@ class CachingMixin:
         fwd_hooks = [(name, save) for name in names]
         bwd_hooks = [(name, functools.partial(save, suffix="_grad")) for name in names] if incl_bwd else []
         return cache, fwd_hooks, bwd_hooks
+
+    def _fires(self, name: str) -> bool:
+        """Whether an optional per-head-input hook fires in this model's configuration."""
+        switches = {"hook_attn_in": self.cfg.use_attn_in, "hook_mlp_in": self.cfg.use_hook_mlp_in,
+                    **dict.fromkeys(("hook_q_input", "hook_k_input", "hook_v_input"), self.cfg.use_split_qkv_input)}
+        return switches.get(name.rpartition(".")[2], True)
 
     def add_caching_hooks(self, names_filter=None, incl_bwd: bool = False, device=None,
                           remove_batch_dim: bool = False, cache: dict | None = None) -> dict:

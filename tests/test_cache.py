@@ -95,8 +95,17 @@ def test_unknown_names_in_a_cache_lookup_raise_hook_error_with_the_closest_names
         assert typo not in cache
     with pytest.raises(KeyError, match="needs a layer"):
         cache["pattern"]
-    with pytest.raises(KeyError, match="unknown activation"):
-        cache["patern", 0]
+    for misspelt in [("patern", 0), "patern0", "patern"]:
+        with pytest.raises(HookError, match="unknown activation 'patern'; did you mean 'pattern'"):
+            cache[misspelt]
+        assert misspelt not in cache
+    from hooked_gpt2 import utils
+
+    with pytest.raises(HookError, match="unknown activation 'nonsense'; the short names are .*resid_pre"):
+        utils.get_act_name("nonsense")  # not "needs a layer", whose advice would then fail too
+    with pytest.raises(HookError, match=r"needs a layer: get_act_name\('pattern', 0\)"):
+        utils.get_act_name("pattern")
+    assert utils.get_act_name("pattern", 0) == "blocks.0.attn.hook_pattern"
 
 
 # Gradients.
