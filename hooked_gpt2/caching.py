@@ -49,7 +49,9 @@ class CachingMixin:
 
         >>> cache, fwd, _ = model.get_caching_hooks(lambda name: name.endswith("hook_pattern"))
         >>> with model.hooks(fwd_hooks=fwd):
-        ...     model(tokens)
+        ...     logits = model(tokens)
+        >>> cache["blocks.0.attn.hook_pattern"].shape  # [batch head_index query_pos key_pos]
+        torch.Size([1, 4, 7, 7])
         """
         cache = {} if cache is None else cache
         names = self.cached_names(names_filter)

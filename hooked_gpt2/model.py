@@ -524,7 +524,9 @@ class HookedGPT2(TextMixin, CachingMixin, HookedRootModule):
         Mathematical Framework: ``|L R|_F / (|L|_F |R|_F)``, zero unless the second head's
         layer is after the first's (TransformerLens's ``all_composition_scores``).
 
-        >>> model.all_composition_scores("K")[0, 1, 1, 3]  # how much L0H1's output is read by L1H3's keys  # doctest: +SKIP
+        >>> scores = model.all_composition_scores("K")  # [0, 1, 1, 3]: how much L1H3's keys read L0H1's output
+        >>> scores.shape
+        torch.Size([2, 4, 2, 4])
         """
         rights = {"Q": lambda: self.QK, "K": lambda: self.QK.T, "V": lambda: self.OV}
         if mode not in rights:
@@ -588,8 +590,11 @@ class HookedGPT2(TextMixin, CachingMixin, HookedRootModule):
         """Fold the layer norms' weights and biases into the weights that read them
         (centring those, with ``center_weights``); the norms become scale-only.
 
-        >>> folded = model.fold_layer_norm(model.state_dict())  # a processed copy  # doctest: +SKIP
-        >>> model.fold_layer_norm(center_weights=True)  # this model, in place  # doctest: +SKIP
+        >>> folded = model.fold_layer_norm(model.state_dict())  # a processed copy
+        >>> "blocks.0.ln1.weight" in folded, "blocks.0.ln1.weight" in model.state_dict()
+        (False, True)
+        >>> model.fold_layer_norm().cfg.normalization_type  # this model, in place
+        'LNPre'
         """
         return self._processing_step("fold_layer_norm", state_dict, fold_biases=fold_biases,
                                      center_weights=center_weights)
