@@ -239,19 +239,23 @@ class HookedRootModule(nn.Module):
                 raise HookError(f"a hook is a (name_or_filter, fn) pair, got {spec!r}")
             self.resolve_names(spec[0])
         handles = []
+        # Nested contexts count levels, as TransformerLens's do: hooks a context leaves
+        # attached (reset_hooks_end=False) are removable by level, reset_hooks(level=...).
+        self.context_level = getattr(self, "context_level", 0) + 1
         try:
             for direction, (name_or_filter, fn) in specs:
                 for name in self.resolve_names(name_or_filter):
                     if reset_hooks_end:
                         handles.append(self.hook_dict[name]._attach(fn, direction))
                     else:  # tracked by the hook point, so that reset_hooks() removes it
-                        self.hook_dict[name].add_hook(fn, dir=direction)
+                        self.hook_dict[name].add_hook(fn, dir=direction, level=self.context_level)
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             if clear_contexts and reset_hooks_end:
                 self.clear_contexts()
+            self.context_level -= 1
 
     def run_with_hooks(self, *args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
                        clear_contexts: bool = False, **kwargs):

@@ -462,3 +462,25 @@ def test_a_hook_may_return_another_dtype_or_a_non_contiguous_tensor_of_the_right
     assert torch.equal(doubled, expected)
     same = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: x.transpose(0, 1).transpose(0, 1))])
     assert torch.equal(same, model(tokens))
+
+
+def test_hooks_left_attached_are_removed_by_direction_level_and_permanence(model, tokens):
+    """reset_hooks_end=False leaves a context's hooks on, at that context's level, as in
+    TransformerLens; remove_all_hook_fns picks them by direction, level and permanence."""
+    clean = model(tokens)
+    halve = lambda act, hook: act * 0.5  # noqa: E731
+    with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", halve)], reset_hooks_end=False):
+        with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", halve)], reset_hooks_end=False):
+            pass
+    model.add_perma_hook("blocks.0.hook_attn_out", halve)
+    model.add_hook("blocks.0.hook_resid_mid", lambda grad, hook: grad, dir="bwd")
+    levels = lambda: sorted(  # noqa: E731
+        (entry.level or 0, entry.direction, entry.permanent) for hp in model.hook_points() for entry in hp.handles)
+    assert levels() == [(0, "bwd", False), (0, "fwd", True), (1, "fwd", False), (2, "fwd", False)]
+    model.remove_all_hook_fns(level=2)
+    assert levels() == [(0, "bwd", False), (0, "fwd", True), (1, "fwd", False)]
+    model.remove_all_hook_fns(direction="fwd")
+    assert levels() == [(0, "bwd", False), (0, "fwd", True)]
+    model.reset_hooks(including_permanent=True)
+    assert levels() == [] and no_hooks_attached(model)
+    assert torch.equal(model(tokens), clean)
