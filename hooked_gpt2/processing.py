@@ -162,10 +162,22 @@ def _set_head_weights(attn, which: int, W: Tensor, b: Tensor) -> None:
     attn.qkv.bias.view(3, attn.n_heads, attn.d_head)[which] = b
 
 
+def _check_refactorable(model) -> None:
+    unsupported = [name for name, present in (("rotary positions", model.cfg.positional == "rotary"),
+                                               ("QK-norm", model.cfg.qk_norm)) if present]
+    if unsupported:
+        raise ValueError(
+            f"refactor_factored_attn_matrices is not supported with {' and '.join(unsupported)} (the QK circuit "
+            "then depends on more than W_Q and W_K): process with refactor_factored_attn_matrices=False"
+        )
+
+
 @torch.no_grad()
 def refactor_factored_attn_matrices(model) -> None:
     """Refactor each head's QK and OV factors (same QK and OV matrices; value biases are
-    folded into b_O first, as the OV refactoring requires)."""
+    folded into b_O first, as the OV refactoring requires). Refused with rotary positions
+    or QK-norm, which act between W_Q and W_K."""
+    _check_refactorable(model)
     fold_value_biases(model)
     for block in model.blocks:
         attn = block.attn
@@ -193,13 +205,8 @@ def process_weights_(
     TransformerLens, ``center_writing_weights`` is skipped for RMSNorm models. Refactoring
     the QK matrices is refused with rotary positions or QK-norm, which act between W_Q
     and W_K (TransformerLens refuses rotary too)."""
-    unsupported = [name for name, present in (("rotary positions", model.cfg.positional == "rotary"),
-                                               ("QK-norm", model.cfg.qk_norm)) if present]
-    if refactor_factored_attn_matrices and unsupported:
-        raise ValueError(
-            f"refactor_factored_attn_matrices is not supported with {' and '.join(unsupported)} (the QK circuit "
-            "then depends on more than W_Q and W_K): process with refactor_factored_attn_matrices=False"
-        )
+    if refactor_factored_attn_matrices:
+        _check_refactorable(model)  # before any step, so that a refusal leaves the model as it was
     if isinstance(model.ln_final, (RMSNorm, RMSNormPre)):
         center_writing_weights = False
     from . import processing as steps  # the flags shadow the step functions' names

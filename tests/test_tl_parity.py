@@ -506,6 +506,14 @@ def test_processing_refuses_what_it_cannot_do_on_variants():
     for name in ("rotary", "qk_norm"):
         with pytest.raises(ValueError, match="refactor_factored_attn_matrices is not supported"):
             make_variant(name).process_weights_(refactor_factored_attn_matrices=True)
+        model = make_variant(name)
+        for call in (model.refactor_factored_attn_matrices, lambda: model.refactor_factored_attn_matrices(model.state_dict())):
+            with pytest.raises(ValueError, match="refactor_factored_attn_matrices is not supported"):
+                call()
+    with pytest.raises(ValueError, match="center_weights=False"):
+        make_variant("rmsnorm").fold_layer_norm()
+    with pytest.raises(ValueError, match="RMSNorm does not"):
+        make_variant("rmsnorm").center_writing_weights()
     from hooked_gpt2 import processing
 
     with pytest.raises(ValueError, match="RMSNorm does not"):
