@@ -273,7 +273,7 @@ def _model_holding(model, state_dict: dict) -> nn.Module:
     cfg.normalization_type = "RMS" if cfg.norm == "rmsnorm" else "LN"
     cfg.qkv_bias = "blocks.0.attn.qkv.bias" in state_dict
     cfg.attn_bias = "blocks.0.attn.out.bias" in state_dict
-    cfg.mlp_bias = cfg.attn_only or "blocks.0.mlp.fc_in.bias" in state_dict
+    cfg.mlp_bias = cfg.attn_only or "blocks.0.mlp.fc_out.bias" in state_dict  # fc_in's may come from folding
     cfg.tie_embeddings = False  # processing unties before writing either, so untied is equivalent
     state_dict = dict(state_dict)
     state_dict.setdefault("unembed.weight", state_dict.get("embed.weight"))

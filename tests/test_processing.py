@@ -53,3 +53,28 @@ def test_processing_leaves_shared_tensors_and_other_models_untouched(step, tied)
         assert torch.equal(other(tokens), other_logits), f"{step} changed another model"
         # and the step still did its job on the model it was given
         torch.testing.assert_close(model(tokens).log_softmax(-1), other_logits.log_softmax(-1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "no_biases", "llama", "attn_only_rotary", "qk_norm"])
+def test_a_step_on_a_state_dict_gives_the_state_of_a_model_processed_in_place(variant):
+    """model.step(state_dict) (TransformerLens's form) returns exactly the state of a copy
+    of the model processed by model.step() (ours), at every stage of a chain of steps."""
+    import copy
+
+    from tests.reference_variants import make_variant
+
+    model = make_variant(variant)
+    rms = model.cfg.norm == "rmsnorm"
+    steps = [("fold_layer_norm", dict(center_weights=not rms)), ("center_unembed", {}), ("fold_value_biases", {})]
+    steps += [] if rms else [("center_writing_weights", {})]
+    steps += [] if model.cfg.positional == "rotary" or model.cfg.qk_norm else [("refactor_factored_attn_matrices", {})]
+    state, in_place = model.state_dict(), copy.deepcopy(model)
+    before = {name: t.clone() for name, t in state.items()}
+    for step, options in steps:
+        state = getattr(model, step)(state, **options)
+        getattr(in_place, step)(**options)
+        expected = in_place.state_dict()
+        assert sorted(state) == sorted(expected), step
+        for name in expected:
+            assert torch.equal(state[name], expected[name]), (step, name)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())  # the model itself untouched
