@@ -7,7 +7,8 @@ which is cast to the activation's dtype and device if it has others; anything el
 raises ``HookOutputError`` naming the hook point, the shape expected and what came back
 (a wrong shape would otherwise broadcast into wrong numbers, or fail deep inside torch).
 Hooks are attached only for the length of a ``with model.hooks(...)`` block, and are
-removed in ``finally`` even when the run raises.
+removed in ``finally`` even when the run raises; TransformerLens's ways of leaving them
+on (``add_hook``, ``reset_hooks_end=False``) are there too, undone by ``reset_hooks()``.
 """
 
 import contextlib
