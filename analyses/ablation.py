@@ -36,7 +36,8 @@ class Reference:
 
 def reference_activations(model, reference_tokens: Int[Tensor, "batch pos"]) -> Reference:
     names = lambda n: n.endswith("attn.hook_z") or n.endswith("hook_mlp_out")  # noqa: E731
-    _, cache = model.run_with_cache(model.check_tokens(reference_tokens), names_filter=names)
+    with torch.no_grad():  # no gradient wanted: no graph kept
+        _, cache = model.run_with_cache(model.check_tokens(reference_tokens), names_filter=names)
     L = model.cfg.n_layers
     mlp = {} if model.cfg.attn_only else {l: cache["mlp_out", l] for l in range(L)}
     return Reference({l: cache["z", l] for l in range(L)}, mlp)

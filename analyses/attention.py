@@ -6,11 +6,12 @@ The page inlines circuitsvis's bundle once (see ``analyses.html``); circuitsvis'
 Command line: ``python -m analyses.attention --checkpoint DIR --out DIR --prompt "..." --layers 0,1``.
 """
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import cli
-from .common import check_layer, parse_layers, prompt_tokens
+from .common import AnalysisError, check_layer, parse_layers, prompt_tokens
 from .html import Page, to_jsonable
 
 
@@ -27,7 +28,12 @@ def attention_patterns(
     layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
     if cache is None:
         names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
-        _, cache = model.run_with_cache(tokens[:1], names_filter=names)
+        with torch.no_grad():  # no gradient wanted: no graph kept
+            _, cache = model.run_with_cache(tokens[:1], names_filter=names)
+    cached = cache["pattern", layers[0]].shape[-1] if layers else tokens.shape[1]
+    if cached != tokens.shape[1]:  # a cache of another prompt would be drawn under these labels
+        raise AnalysisError(f"the cache holds a run of {cached} tokens but tokens has {tokens.shape[1]}: "
+                            "pass the tokens the cache was run on")
     return {l: cache["pattern", l][0].cpu() for l in layers}
 
 
@@ -35,6 +41,9 @@ def add_to_page(page: Page, str_tokens: list[str], patterns: dict[int, Tensor], 
     """One circuitsvis ``AttentionHeads`` view per layer."""
     page.add_heading(title)
     for layer, pattern in patterns.items():
+        if pattern.shape[-1] != len(str_tokens):
+            raise AnalysisError(f"layer {layer}'s pattern covers {pattern.shape[-1]} tokens but {len(str_tokens)} "
+                                "labels were given: label it with the tokens it was computed on")
         page.add_heading(f"Layer {layer}", level=3)
         page.add_circuitsvis(
             "AttentionHeads", attention=pattern.float().numpy(), tokens=str_tokens,

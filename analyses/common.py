@@ -5,6 +5,7 @@ Errors a user can cause raise ``AnalysisError`` (a ``ValueError``) with a messag
 names the problem and the fix; the scripts print it as ``error: ...``.
 """
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +53,28 @@ def single_token(model, answer: str | int) -> int:
     if not 0 <= ids[0] < model.cfg.d_vocab:
         raise AnalysisError(f"answer token id {ids[0]} is outside the model's vocabulary of {model.cfg.d_vocab}")
     return ids[0]
+
+
+def launch_dir_path(path: str | Path) -> Path:
+    """``path`` as the user meant it: absolute as given; relative to the directory they
+    launched from. A notebook's kernel runs in the notebook's own folder but inherits the
+    environment of the shell that started Jupyter, whose ``PWD`` is that directory; the
+    kernel's working directory is tried second. A path found in neither raises, naming both.
+
+    >>> launch_dir_path("runs/demo/checkpoints/step_0001000")  # doctest: +SKIP
+    PosixPath('/home/me/hooked-gpt2/runs/demo/checkpoints/step_0001000')
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    bases = [Path(os.environ["PWD"])] if os.environ.get("PWD") else []
+    bases += [base for base in [Path.cwd()] if base not in bases]
+    for base in bases:
+        if (base / path).exists():
+            return base / path
+    tried = " or ".join(str(base / path) for base in bases)
+    raise AnalysisError(f"no {path} relative to the directory Jupyter was launched from: tried {tried}; "
+                        "give an absolute path")
 
 
 def check_layer(model, layer: int) -> int:

@@ -64,7 +64,8 @@ def direct_logit_attribution(
     answer_id = single_token(model, answer)
     wrong_id = None if wrong is None else single_token(model, wrong)
     if cache is None:
-        _, cache = model.run_with_cache(tokens)
+        with torch.no_grad():  # no gradient wanted: no graph kept
+            _, cache = model.run_with_cache(tokens)
     stack, labels = component_stack(model, cache)
     direction = (model.W_U[:, answer_id] - (model.W_U[:, wrong_id] if wrong_id is not None else 0)).detach()
     # The final layer norm as a linear map: apply_ln_to_stack centres and divides by the

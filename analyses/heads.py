@@ -101,7 +101,8 @@ def head_scores(model, tokens: Int[Tensor, "batch pos"] | None = None, **random_
     if tokens is None:
         tokens = repeated_random_tokens(model, **random_kwargs)
     tokens = model.check_tokens(tokens)
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    with torch.no_grad():  # no gradient wanted: no graph kept
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     patterns = torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)])
     return scores_from_patterns(patterns, tokens)
 

@@ -139,6 +139,15 @@ class Page:
         body = [f"<h1>{html.escape(self.title)}</h1>", '<pre id="report-errors"></pre>', *self.parts]
         return "<!DOCTYPE html>\n<html><head>" + "\n".join(head) + "</head><body>\n" + "\n".join(body) + "\n</body></html>\n"
 
+    def iframe(self, height: int = 800) -> str:
+        """The page as an ``<iframe srcdoc=...>``, for a notebook's output: the page's own
+        scripts and styles run inside it, apart from the notebook's."""
+        return (f'<iframe srcdoc="{html.escape(self.render(), quote=True)}" '
+                f'style="width: 100%; height: {height}px; border: 1px solid #ddd;"></iframe>')
+
+    def _repr_html_(self) -> str:  # a Page as a notebook cell's last expression is drawn inline
+        return self.iframe()
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         atomic_write(path, self.render())

@@ -66,7 +66,8 @@ def logit_lens(model, tokens: Int[Tensor, "batch pos"], site: str = "post", top_
     """
     tokens = model.check_tokens(tokens)
     if cache is None:
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: "hook_resid" in n)
+        with torch.no_grad():  # no gradient wanted: no graph kept
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: "hook_resid" in n)
     stack, labels = residual_stack(model, cache, site)
     targets = tokens[:, 1:]
     tops, top_probs, target_prob, target_rank, losses = [], [], [], [], []

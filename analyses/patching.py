@@ -136,7 +136,8 @@ def baseline(model, clean: Tensor, corrupted: Tensor, metric: Metric, clean_cach
     """The clean cache and the metric's clean and corrupted values (1 and 0 after normalising)."""
     clean, corrupted = check_pair(model, clean, corrupted)
     if clean_cache is None:
-        clean_logits, clean_cache = model.run_with_cache(clean)
+        with torch.no_grad():  # no gradient wanted: no graph kept
+            clean_logits, clean_cache = model.run_with_cache(clean)
     else:
         with torch.no_grad():
             clean_logits = model(clean)
@@ -195,9 +196,10 @@ def attribute_patches(
     ``patch_effect``: ``(clean - corrupted) . grad`` summed over each patch's elements."""
     clean, corrupted = check_pair(model, clean, corrupted)
     names = sorted({p.hook_name for p in patches})
-    clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
+    with torch.no_grad():  # no gradient wanted: no graph kept
+        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
     corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names, incl_bwd=True, metric=metric)
-    value_clean, value_corrupted = float(metric(clean_logits)), float(metric(corrupted_logits))
+    value_clean, value_corrupted = float(metric(clean_logits)), float(metric(corrupted_logits.detach()))
     if abs(value_clean - value_corrupted) < 1e-6 * max(1.0, abs(value_clean)):
         raise AnalysisError("the metric is the same on the clean and corrupted prompts; choose a corruption that changes the answer")
     deltas = {

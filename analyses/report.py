@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     if any(patch_args) and not (all(patch_args) and args.answer):
         raise ValueError("patching needs --clean, --corrupted and --answer together")
     out = cli.out_dir(args.out or Path(args.checkpoint) / "analysis")
-    _, cache = model.run_with_cache(tokens)
+    with torch.no_grad():  # no gradient wanted: no graph kept
+        _, cache = model.run_with_cache(tokens)
     str_tokens = model.to_str_tokens(tokens[0])
     page = Page(f"Analysis of {args.checkpoint}")
     page.add_text(f"prompt: {args.prompt!r}")

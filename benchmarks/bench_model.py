@@ -70,7 +70,8 @@ def memory_probe(checkpoint: str) -> None:
         model(tokens[:, :8])  # warm up kernels and the allocator's first pages
     reset_peak_rss()
     base = rss_kib()
-    logits, cache = model.run_with_cache(tokens)
+    with torch.no_grad():  # what is cached, not an autograd graph (run_with_cache keeps torch's grad mode)
+        logits, cache = model.run_with_cache(tokens)
     peak = (rss_kib("VmHWM") - base) * 1024
     storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in cache.values()}
     print(peak, sum(storages.values()) + logits.numel() * logits.element_size())

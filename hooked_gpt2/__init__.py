@@ -17,6 +17,7 @@ _EXPORTS = {
     "FactoredMatrix": "factored_matrix",
     "GPT2Config": "config",
     "HookError": "hook_points",
+    "HookOutputError": "hook_points",
     "HookPoint": "hook_points",
     "HookedGPT2": "model",
     "get_tokenizer": "tokenizer",

@@ -9,13 +9,17 @@ folded layer norms (``process_weights=True``) the result times ``W_U`` is each
 component's direct contribution to the logits.
 """
 
+import difflib
 import re
+import warnings
 from collections.abc import Iterator
 
 import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from .hook_points import HookError
 
 BLOCK_HOOKS = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn_in", "q_input", "k_input",
                "v_input", "mlp_in"}
@@ -27,7 +31,8 @@ ALIASES = {"attn": "pattern", "scores": "attn_scores", "attn_logits": "attn_scor
            "value": "v", "mlp_pre": "pre", "mlp_post": "post"}
 LAYER_TYPES = {"ln1": "ln1", "ln2": "ln2", "a": "attn", "attn": "attn", "attention": "attn", "m": "mlp", "mlp": "mlp",
                "b": "", "block": "", "blocks": "", "": ""}
-SHORT_NAMES = {"embed", "pos_embed"} | BLOCK_HOOKS | ATTN_HOOKS | MLP_HOOKS | LN_HOOKS | set(ALIASES)
+ACTIVATIONS = {"embed", "pos_embed"} | BLOCK_HOOKS | ATTN_HOOKS | MLP_HOOKS | LN_HOOKS
+SHORT_NAMES = ACTIVATIONS | set(ALIASES)
 SHORTHAND = re.compile(r"([a-z_]*[a-z])(\d+)([a-z]\w*)?")  # "k1", "scale2ln1", "pattern0a"
 
 
@@ -45,18 +50,23 @@ def get_act_name(
     if shorthand:
         name, layer, layer_type = shorthand.group(1), int(shorthand.group(2)), shorthand.group(3)
     name = ALIASES.get(name, name)
+    if name not in ACTIVATIONS:
+        close = difflib.get_close_matches(name, sorted(SHORT_NAMES), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "the short names are " + ", ".join(
+            sorted(ACTIVATIONS))
+        raise HookError(f"unknown activation {name!r}; {hint} (or use a full hook name, see model.hook_names())")
     if layer_type is not None and layer_type not in LAYER_TYPES:
-        raise KeyError(f"unknown layer type {layer_type!r}; use one of 'ln1', 'ln2', 'attn', 'mlp'")
+        raise HookError(f"unknown layer type {layer_type!r}; use one of 'ln1', 'ln2', 'attn', 'mlp'")
     if name in ("embed", "pos_embed"):
         return f"hook_{name}"
     if name in LN_HOOKS and layer is None:
         return f"ln_final.hook_{name}"
     if layer is None:
-        raise KeyError(f"{name!r} needs a layer, e.g. cache[{name!r}, 0]")
+        raise HookError(f"{name!r} needs a layer: get_act_name({name!r}, 0), or cache[{name!r}, 0]")
     layer = int(layer)
     if n_layers is not None:
         if not -n_layers <= layer < n_layers:
-            raise KeyError(f"layer {layer} is out of range for a {n_layers}-layer model")
+            raise HookError(f"layer {layer} is out of range for a {n_layers}-layer model")
         layer %= n_layers
     if name in BLOCK_HOOKS:
         return f"blocks.{layer}.hook_{name}"
@@ -66,9 +76,9 @@ def get_act_name(
         return f"blocks.{layer}.mlp.hook_{name}"
     if name in LN_HOOKS:
         if layer_type not in ("ln1", "ln2"):
-            raise KeyError(f"{name!r} in a block needs the layer norm: cache[{name!r}, {layer}, 'ln1' or 'ln2']")
+            raise HookError(f"{name!r} in a block needs the layer norm: cache[{name!r}, {layer}, 'ln1' or 'ln2']")
         return f"blocks.{layer}.{layer_type}.hook_{name}"
-    raise KeyError(f"unknown activation {name!r}; use a full hook name (see model.hook_names())")
+    raise AssertionError(f"{name!r} is in ACTIVATIONS but has no hook name")  # unreachable: every set is handled
 
 
 def slice_pos(tensor: Tensor, pos_slice, dim: int) -> Tensor:
@@ -85,7 +95,9 @@ def slice_pos(tensor: Tensor, pos_slice, dim: int) -> Tensor:
         index = [slice(None)] * tensor.dim()
         index[dim] = pos_slice
         return tensor[tuple(index)]
-    return tensor.index_select(dim % tensor.dim(), torch.as_tensor(pos_slice, device=tensor.device).long().reshape(-1))
+    dim = dim % tensor.dim()
+    index = torch.as_tensor(pos_slice, device=tensor.device).long().reshape(-1)
+    return tensor.index_select(dim, torch.where(index < 0, index + tensor.shape[dim], index))  # -1 is the last
 
 
 class ActivationCache:
@@ -111,12 +123,15 @@ class ActivationCache:
         return self.cache_dict[key]
 
     def __contains__(self, key) -> bool:
-        return self._full_name(key) in self.cache_dict
+        try:
+            return self._full_name(key) in self.cache_dict
+        except KeyError:  # an unknown short name is simply not in the cache
+            return False
 
     def _full_name(self, key) -> str:
         if isinstance(key, tuple):
             return get_act_name(*key, n_layers=self.model.cfg.n_layers)
-        if key in SHORT_NAMES or SHORTHAND.fullmatch(key):  # "embed", "scale", "k1", "scale0ln1"...
+        if "." not in key and not key.startswith("hook_"):  # "embed", "scale", "k1", "scale0ln1", a misspelling
             return get_act_name(key, n_layers=self.model.cfg.n_layers)
         return key  # a full name; __getitem__ names the closest valid ones if it is unknown
 
@@ -142,6 +157,22 @@ class ActivationCache:
         """Move every activation to ``device`` (in place; returns the cache)."""
         self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
         return self
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "ActivationCache":
+        """A new cache of the batch rows ``batch_slice`` selects (an int drops the batch
+        axis; a tuple, slice or list of rows keeps it), as ``slice_pos`` selects."""
+        if not self.has_batch_dim:
+            if batch_slice is None:
+                return ActivationCache(dict(self.cache_dict), self.model, has_batch_dim=False)
+            raise ValueError("this cache has no batch axis (remove_batch_dim): there are no rows to select")
+        sliced = {name: slice_pos(value, batch_slice, 0) for name, value in self.cache_dict.items()}
+        return ActivationCache(sliced, self.model, has_batch_dim=not isinstance(batch_slice, int))
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """``torch.set_grad_enabled(mode)``: global state, for all of torch, as in
+        TransformerLens (which warns too). ``torch.no_grad()`` as a context manager is safer."""
+        warnings.warn(f"changed torch's global state: autodiff is now {'on' if mode else 'off'}", stacklevel=2)
+        torch.set_grad_enabled(mode)
 
     def remove_batch_dim(self) -> "ActivationCache":
         if not self.has_batch_dim:

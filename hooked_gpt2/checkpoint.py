@@ -37,8 +37,25 @@ def model_state_for_saving(model) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
 
-def save_pretrained(model, path: str | Path) -> Path:
+def refuse_to_overwrite(path: Path, overwrite: bool, action: str) -> None:
+    """Raise unless ``path`` is free to write into: absent, an empty directory, or
+    ``overwrite``. Checked before anything is written, so a refusal leaves the old files whole."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a directory: {action} writes a directory; choose another path")
+    if overwrite or not path.exists() or not any(path.iterdir()):
+        return
+    names = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    kind = "a checkpoint" if (path / CONFIG_NAME).is_file() else "a non-empty directory"
+    raise CheckpointError(
+        f"{path} is already {kind} ({shown}): {action} refuses to replace it. Choose a new directory, or pass "
+        "overwrite=True to replace the files it writes (other files there are left as they are)"
+    )
+
+
+def save_pretrained(model, path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
+    refuse_to_overwrite(path, overwrite, "save_pretrained")
     path.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model_state_for_saving(model), path / WEIGHTS_NAME, {"format": FORMAT})
     config = {"format": FORMAT, "format_version": 1, **model.cfg.to_dict()}

@@ -8,6 +8,7 @@ so that notebooks written against ``transformer_lens.FactoredMatrix`` run unchan
 
 from functools import cached_property
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -133,3 +134,23 @@ class FactoredMatrix:
 
     def __repr__(self) -> str:
         return f"FactoredMatrix: Shape({tuple(self.shape)}), Hidden Dim({self.mdim})"
+
+
+def composition_scores(left: FactoredMatrix, right: FactoredMatrix) -> Float[Tensor, "..."]:
+    """``|L R|_F / (|L|_F |R|_F)`` for every matrix ``L`` of ``left`` and ``R`` of
+    ``right`` (leading axes: left's, then right's), from the factors alone: with
+    ``L = A_L B_L`` and ``R = A_R B_R``, ``|L R|_F^2 = tr(M^T (A_L^T A_L) M (B_R B_R^T))``
+    where ``M = B_L A_R`` is only ``mdim x mdim``, so no ``d_model x d_model`` product is formed."""
+    if left.rdim != right.ldim:
+        raise ValueError(f"composition needs left's columns to match right's rows, got {left.shape} and {right.shape}")
+    lead_l, lead_r = left.shape[:-2], right.shape[:-2]
+    A_L, B_L = (t.reshape(-1, *t.shape[-2:]) for t in left.pair)
+    A_R, B_R = (t.reshape(-1, *t.shape[-2:]) for t in right.pair)
+    gram_l = A_L.transpose(-2, -1) @ A_L  # [l i i]
+    gram_r = B_R @ B_R.transpose(-2, -1)  # [r j j]
+    M = einops.einsum(B_L, A_R, "l i d, r d j -> l r i j")
+    GMH = einops.einsum(gram_l, M, gram_r, "l i k, l r k m, r m j -> l r i j")
+    product = (M * GMH).sum((-2, -1)).clamp(min=0).sqrt()
+    norm_l = (gram_l * (B_L @ B_L.transpose(-2, -1))).sum((-2, -1)).clamp(min=0).sqrt()
+    norm_r = ((A_R.transpose(-2, -1) @ A_R) * gram_r).sum((-2, -1)).clamp(min=0).sqrt()
+    return (product / norm_l[:, None] / norm_r[None, :]).reshape(*lead_l, *lead_r)

@@ -18,6 +18,7 @@ import torch
 from . import llama_interop
 from .checkpoint import (
     CheckpointError, atomic_save_safetensors, atomic_write, load_state_into, load_weights, read_json,
+    refuse_to_overwrite,
 )
 from .config import ConfigError, GPT2Config
 from .model_card import model_card
@@ -129,7 +130,9 @@ def from_hf(cls, dir_or_model, device=None, dtype=None):
         hf_config = dir_or_model.config.to_dict()
         read_config, read_state = hf_format(hf_config, source)
         cfg = read_config(hf_config, source)
-        hf_state = dir_or_model.state_dict()
+        # Copies: the caller's model keeps its tensors whatever we later do to ours
+        # (training steps, weight processing). A directory's tensors are fresh anyway.
+        hf_state = {name: tensor.detach().clone() for name, tensor in dir_or_model.state_dict().items()}
     model = cls(cfg)
     load_state_into(model, read_state(hf_state, cfg), source)
     if cfg.tie_embeddings:
@@ -226,7 +229,8 @@ def gpt2_export_problems(cfg: GPT2Config) -> list[str]:
     return problems
 
 
-def save_hf(model, path, source=None) -> Path:
+def save_hf(model, path, source=None, overwrite: bool = False) -> Path:
+    refuse_to_overwrite(Path(path), overwrite, "save_hf")
     cfg = model.cfg
     if cfg.vocab is not None:
         raise ConfigError(f"this model reads a compact vocabulary of {cfg.d_vocab} tokens (data_prep.compact), whose "

@@ -20,10 +20,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from . import checkpoint, hf_interop
-from .cache import ActivationCache
+from .caching import CachingMixin
 from .components import RMSNorm, SwiGLU, bias_or_zeros, qk_transform
 from .config import GPT2Config
-from .factored_matrix import FactoredMatrix
+from .factored_matrix import FactoredMatrix, composition_scores
 from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
 from .losses import next_token_loss
@@ -119,6 +119,16 @@ class Attention(nn.Module):
     @property
     def b_O(self) -> Float[Tensor, "d_model"]:
         return bias_or_zeros(self.out)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``W_Q W_K^T`` of each head, ``[head_index d_model d_model]``, kept factored."""
+        return FactoredMatrix(self.W_Q, einops.rearrange(self.W_K, "head d_model d_head -> head d_head d_model"))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``W_V W_O`` of each head, ``[head_index d_model d_model]``, kept factored."""
+        return FactoredMatrix(self.W_V, self.W_O)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], kv_cache=None, layer: int = 0):
         q, k, v = einops.rearrange(
@@ -293,7 +303,7 @@ class Unembed(nn.Linear):
         return self.bias if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
 
 
-class HookedGPT2(TextMixin, HookedRootModule):
+class HookedGPT2(TextMixin, CachingMixin, HookedRootModule):
     """GPT-2 for training and for taking apart.
 
     >>> model = HookedGPT2(GPT2Config.preset("tiny"))
@@ -463,6 +473,14 @@ class HookedGPT2(TextMixin, HookedRootModule):
     W_U = property(lambda self: self.unembed.weight.T)  # [d_model d_vocab]
     b_U = property(lambda self: self.unembed.b_U)  # [d_vocab]; zeros until processing adds one
 
+    @property
+    def W_E_pos(self) -> Float[Tensor, "d_vocab_plus_n_ctx d_model"]:
+        """``W_E`` and ``W_pos`` stacked, ``[d_vocab + n_ctx, d_model]``: a basis of every
+        input direction (for full QK and OV circuits). A rotary model has no ``W_pos``."""
+        if not self.learned_positions:
+            raise AttributeError("W_E_pos needs learned positions; this model's are rotary (no W_pos): use W_E")
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
     def _stack(self, name: str, part: str = "attn") -> Tensor:
         return torch.stack([getattr(getattr(block, part), name) for block in self.blocks])
 
@@ -493,12 +511,30 @@ class HookedGPT2(TextMixin, HookedRootModule):
     @property
     def QK(self) -> FactoredMatrix:
         """``W_Q W_K^T`` of every head, ``[n_layers n_heads d_model d_model]``, kept factored."""
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+        return FactoredMatrix(self.W_Q, einops.rearrange(self.W_K, "layer head d_model d_head -> layer head d_head d_model"))
 
     @property
     def OV(self) -> FactoredMatrix:
         """``W_V W_O`` of every head, ``[n_layers n_heads d_model d_model]``, kept factored."""
         return FactoredMatrix(self.W_V, self.W_O)
+
+    def all_composition_scores(self, mode: str) -> Float[Tensor, "n_layers n_heads n_layers n_heads"]:
+        """Q-, K- or V-composition (``mode`` "Q", "K", "V") of every earlier head's OV
+        circuit with every later head's QK (QK^T for "K") or OV circuit, as in A
+        Mathematical Framework: ``|L R|_F / (|L|_F |R|_F)``, zero unless the second head's
+        layer is after the first's (TransformerLens's ``all_composition_scores``).
+
+        >>> scores = model.all_composition_scores("K")  # [0, 1, 1, 3]: how much L1H3's keys read L0H1's output
+        >>> scores.shape
+        torch.Size([2, 4, 2, 4])
+        """
+        rights = {"Q": lambda: self.QK, "K": lambda: self.QK.T, "V": lambda: self.OV}
+        if mode not in rights:
+            raise ValueError(f"mode must be 'Q', 'K' or 'V', got {mode!r}")
+        scores = composition_scores(self.OV, rights[mode]())
+        layers = torch.arange(self.cfg.n_layers, device=scores.device)
+        later = (layers[:, None, None, None] < layers[None, None, :, None])
+        return torch.where(later, scores, torch.zeros_like(scores))
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
         """The sum of the output biases (b_O, and b_out unless ``include_mlp_biases`` is
@@ -547,11 +583,49 @@ class HookedGPT2(TextMixin, HookedRootModule):
         )
         return self
 
+    # TransformerLens's processing steps, one at a time (hooked_gpt2.processing). Given a
+    # state dict (this model's layout), each returns a processed copy, as TransformerLens
+    # 3.x does; with none, it processes this model in place and returns it.
+    def fold_layer_norm(self, state_dict: dict | None = None, fold_biases: bool = True, center_weights: bool = True):
+        """Fold the layer norms' weights and biases into the weights that read them
+        (centring those, with ``center_weights``); the norms become scale-only.
+
+        >>> folded = model.fold_layer_norm(model.state_dict())  # a processed copy
+        >>> "blocks.0.ln1.weight" in folded, "blocks.0.ln1.weight" in model.state_dict()
+        (False, True)
+        >>> model.fold_layer_norm().cfg.normalization_type  # this model, in place
+        'LNPre'
+        """
+        return self._processing_step("fold_layer_norm", state_dict, fold_biases=fold_biases,
+                                     center_weights=center_weights)
+
+    def center_writing_weights(self, state_dict: dict | None = None):
+        """Make everything that writes to the residual stream write mean-zero vectors."""
+        return self._processing_step("center_writing_weights", state_dict)
+
+    def center_unembed(self, state_dict: dict | None = None):
+        """Give ``W_U`` and ``b_U`` zero mean over the vocabulary (log-probs unchanged)."""
+        return self._processing_step("center_unembed", state_dict)
+
+    def fold_value_biases(self, state_dict: dict | None = None):
+        """Move the value biases ``b_V`` into the output bias ``b_O``."""
+        return self._processing_step("fold_value_biases", state_dict)
+
+    def refactor_factored_attn_matrices(self, state_dict: dict | None = None):
+        """Refactor each head's Q/K and V/O factors (same QK and OV matrices)."""
+        return self._processing_step("refactor_factored_attn_matrices", state_dict)
+
+    def _processing_step(self, step: str, state_dict: dict | None, **options):
+        from . import processing  # it builds on this module's layer norms
+
+        return processing.apply_step(self, step, state_dict, **options)
+
     # Checkpoints.
-    def save_pretrained(self, path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically)."""
+    def save_pretrained(self, path, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``path`` (atomically). A
+        directory that exists and is not empty is refused unless ``overwrite=True``."""
         self._check_unprocessed("save_pretrained")
-        return checkpoint.save_pretrained(self, path)
+        return checkpoint.save_pretrained(self, path, overwrite)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, process_weights: bool = False, **processing) -> "HookedGPT2":
@@ -570,81 +644,6 @@ class HookedGPT2(TextMixin, HookedRootModule):
                 "(folded layer norms / an unembedding bias): save the model before process_weights_, "
                 "and process again after loading (from_pretrained(..., process_weights=True))"
             )
-
-    # Caching.
-    def run_with_cache(
-        self,
-        *model_args,
-        names_filter=None,
-        device=None,
-        remove_batch_dim: bool = False,
-        incl_bwd: bool = False,
-        metric=None,
-        return_cache_object: bool = True,
-        **model_kwargs,
-    ) -> tuple[Tensor, ActivationCache]:
-        """Run the model (``forward``'s arguments: ids or text, ``return_type=``, ...) and
-        keep the activations that ``names_filter`` selects: a name, a list of names, or a
-        function of the name. With no filter (or a function), every hook that fires;
-        ``hook_result`` fires only with ``set_use_attn_result(True)``, as in TransformerLens.
-
-        Without ``incl_bwd`` the run is under ``torch.no_grad()``, so memory goes only to
-        what is cached. With it, gradients are stored as ``name + "_grad"``: of
-        ``metric(output)`` if given, else of the output if it is a scalar (``return_type=
-        "loss"``), else of the mean next-token loss (``.grad`` of the parameters
-        accumulates as in any backward pass). ``remove_batch_dim`` drops the batch axis of
-        the cached activations only; the output keeps it, as in TransformerLens.
-
-        >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "pattern" in n)
-        """
-        names = self.resolve_names(names_filter)
-        if (names_filter is None or callable(names_filter)) and not self.cfg.use_attn_result:
-            names = [name for name in names if not name.endswith("attn.hook_result")]
-        if not model_args:
-            raise TypeError("run_with_cache needs the model's input: token ids or text")
-        input, *rest = model_args
-        tokens = self.input_tokens(input, model_kwargs.pop("prepend_bos", None), model_kwargs.pop("padding_side", None))
-        if remove_batch_dim and tokens.shape[0] != 1:
-            raise ValueError(f"remove_batch_dim needs a batch of 1, got {tokens.shape[0]}")
-        store: dict[str, Tensor] = {}
-
-        def keep(key: str, tensor: Tensor) -> None:
-            tensor = tensor.detach()
-            if remove_batch_dim:
-                tensor = tensor[0]
-            store[key] = tensor.to(device) if device is not None else tensor
-
-        def save(activation, hook):
-            keep(hook.name, activation)
-
-        def save_grad(grad, hook):
-            keep(hook.name + "_grad", grad)
-
-        fwd_hooks = [(name, save) for name in names]
-        bwd_hooks = [(name, save_grad) for name in names] if incl_bwd else []
-        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
-            if incl_bwd:
-                with torch.enable_grad():
-                    out = self(tokens, *rest, **model_kwargs)
-                    if metric is not None:
-                        value = metric(out)
-                    elif isinstance(out, Tensor) and out.dim() == 0:
-                        value = out
-                    else:
-                        value = next_token_loss(out, tokens)
-                    if value.dim() != 0:
-                        raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
-                    value.backward()
-                out = _detached(out)
-            else:
-                with torch.no_grad():
-                    out = self(tokens, *rest, **model_kwargs)
-        # Forward order of hook names, then their gradients (backward hooks fire in reverse).
-        order = [*self.hook_dict, *(name + "_grad" for name in self.hook_dict)]
-        ordered = {key: store[key] for key in order if key in store}
-        if not return_cache_object:
-            return out, ordered
-        return out, ActivationCache(ordered, self, has_batch_dim=not remove_batch_dim)
 
     # Generation.
     def generate(
@@ -718,19 +717,14 @@ class HookedGPT2(TextMixin, HookedRootModule):
         model = hf_interop.from_hf(cls, dir_or_model, device=device, dtype=dtype)
         return model.process_weights_(**processing) if process_weights else model
 
-    def save_hf(self, path, source=None) -> Path:
+    def save_hf(self, path, source=None, overwrite: bool = False) -> Path:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` (or, for
         the Llama architecture, ``LlamaForCausalLM``) loads as an exactly equivalent model,
         with GPT-2's tokenizer files for ``pipeline`` and a README.md model card from the run
-        beside checkpoint ``source`` (default: the directory this model was loaded from)."""
+        beside checkpoint ``source`` (default: the directory this model was loaded from).
+        A directory that exists and is not empty is refused unless ``overwrite=True``."""
         self._check_unprocessed("save_hf")
-        return hf_interop.save_hf(self, path, source)
-
-
-def _detached(out):
-    if isinstance(out, tuple):
-        return type(out)(*(t.detach() for t in out))
-    return out.detach() if isinstance(out, Tensor) else out
+        return hf_interop.save_hf(self, path, source, overwrite)
 
 
 class Output(NamedTuple):

@@ -21,3 +21,31 @@ def test_split_batches_cross_shards_and_check_the_data(tmp_path):
     (data / "manifest.json").unlink()
     with pytest.raises(ShardError, match="manifest.json does not exist"):
         load_split_batch(data, "val")
+
+
+def test_a_relative_checkpoint_is_found_from_the_launch_directory(tmp_path, monkeypatch):
+    from analyses.common import AnalysisError, launch_dir_path
+
+    (tmp_path / "runs" / "ckpt").mkdir(parents=True)
+    notebook_folder = tmp_path / "analyses" / "notebooks"
+    notebook_folder.mkdir(parents=True)
+    monkeypatch.chdir(notebook_folder)  # where a kernel runs
+    monkeypatch.setenv("PWD", str(tmp_path))  # where Jupyter was launched
+    assert launch_dir_path("runs/ckpt") == tmp_path / "runs" / "ckpt"
+    assert launch_dir_path(tmp_path / "runs") == tmp_path / "runs"
+    with pytest.raises(AnalysisError, match=r"tried .*runs/nope or .*notebooks/runs/nope; give an absolute path"):
+        launch_dir_path("runs/nope")
+
+
+def test_attention_views_refuse_a_cache_or_labels_of_another_prompt(tiny_model):
+    from analyses import attention
+    from analyses.common import AnalysisError
+    from analyses.html import Page
+
+    tokens, other = tiny_model.to_tokens("The cat sat on the mat"), tiny_model.to_tokens("When Mary and John went")
+    _, cache = tiny_model.run_with_cache(tokens)
+    with pytest.raises(AnalysisError, match="cache holds a run of 7 tokens but tokens has 6"):
+        attention.attention_patterns(tiny_model, other, cache=cache)
+    patterns = attention.attention_patterns(tiny_model, tokens, cache=cache)
+    with pytest.raises(AnalysisError, match="covers 7 tokens but 6 labels"):
+        attention.add_to_page(Page("x"), tiny_model.to_str_tokens(other), patterns)

@@ -95,11 +95,34 @@ def test_unknown_names_in_a_cache_lookup_raise_hook_error_with_the_closest_names
         assert typo not in cache
     with pytest.raises(KeyError, match="needs a layer"):
         cache["pattern"]
-    with pytest.raises(KeyError, match="unknown activation"):
-        cache["patern", 0]
+    for misspelt in [("patern", 0), "patern0", "patern"]:
+        with pytest.raises(HookError, match="unknown activation 'patern'; did you mean 'pattern'"):
+            cache[misspelt]
+        assert misspelt not in cache
+    from hooked_gpt2 import utils
+
+    with pytest.raises(HookError, match="unknown activation 'nonsense'; the short names are .*resid_pre"):
+        utils.get_act_name("nonsense")  # not "needs a layer", whose advice would then fail too
+    with pytest.raises(HookError, match=r"needs a layer: get_act_name\('pattern', 0\)"):
+        utils.get_act_name("pattern")
+    assert utils.get_act_name("pattern", 0) == "blocks.0.attn.hook_pattern"
 
 
 # Gradients.
+
+
+def test_run_with_cache_keeps_the_grad_mode_and_detaches_what_it_caches(model, tokens):
+    """As in TransformerLens: with grad enabled the logits keep their graph (an
+    attribution-patching metric can call backward on them); the cached activations never do."""
+    logits, cache = model.run_with_cache(tokens)
+    assert logits.grad_fn is not None
+    assert not any(value.requires_grad for value in cache.values())
+    logits[0, -1, 3].backward()
+    assert model.W_E.grad is not None
+    model.zero_grad()
+    with torch.no_grad():
+        logits, _ = model.run_with_cache(tokens)
+    assert logits.grad_fn is None
 
 
 def test_incl_bwd_stores_gradients_equal_to_autograds(model, tokens):
@@ -116,7 +139,7 @@ def test_incl_bwd_stores_gradients_equal_to_autograds(model, tokens):
     logits, cache = model.run_with_cache(tokens, incl_bwd=True)
     model.zero_grad()
     close(logits, logits_ref.detach())
-    assert not logits.requires_grad
+    assert logits.grad_fn is not None  # as TransformerLens's; the graph was freed by the backward pass
     names = default_names(model)
     assert list(cache) == names + [n + "_grad" for n in names]
     for name in names:

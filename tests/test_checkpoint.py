@@ -93,3 +93,48 @@ def test_pickle_is_never_loaded(model, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr("pickle.load", refuse)
     HookedGPT2.from_pretrained(tmp_path)
+
+
+def test_loading_and_processing_leave_the_checkpoint_and_earlier_loads_untouched(model, tmp_path):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln" in name or name.startswith("ln_final"):
+                p.normal_(1, 0.3)
+    model.save_pretrained(tmp_path)
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    earlier = HookedGPT2.from_pretrained(tmp_path)
+    tokens = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = earlier(tokens)
+    processed = HookedGPT2.from_pretrained(tmp_path, process_weights=True)
+    with torch.no_grad():
+        processed.process_weights_()  # a second pass, as a notebook might
+        assert torch.equal(earlier(tokens), expected)
+    assert files == {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("save", ["save_pretrained", "save_hf"])
+def test_saving_refuses_to_replace_a_checkpoint_or_a_non_empty_directory(save, tmp_path):
+    torch.manual_seed(0)
+    first = HookedGPT2(GPT2Config(n_layers=1, d_model=32, n_heads=4, n_ctx=16, d_vocab=101))
+    second = HookedGPT2(GPT2Config(n_layers=1, d_model=32, n_heads=4, n_ctx=16, d_vocab=101))
+    ckpt = getattr(first, save)(tmp_path / "ckpt")
+    (ckpt / "state.json").write_text('{"step": 10}\n')  # what a run keeps beside the weights
+    files = {path.name: path.read_bytes() for path in ckpt.iterdir()}
+    with pytest.raises(CheckpointError, match="already a checkpoint .*overwrite=True"):
+        getattr(second, save)(ckpt)
+    assert files == {path.name: path.read_bytes() for path in ckpt.iterdir()}  # the old files, whole
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="non-empty directory .*todo.txt"):
+        getattr(second, save)(notes)
+    with pytest.raises(CheckpointError, match="is a file"):
+        getattr(second, save)(notes / "todo.txt", overwrite=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    getattr(second, save)(empty)  # an empty directory is free
+    getattr(second, save)(ckpt, overwrite=True)
+    assert (ckpt / "state.json").read_text() == '{"step": 10}\n'  # overwrite replaces only what it writes
+    load = HookedGPT2.from_pretrained if save == "save_pretrained" else HookedGPT2.from_hf
+    assert torch.equal(load(ckpt).W_E, second.W_E)

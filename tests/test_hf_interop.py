@@ -115,3 +115,35 @@ def test_from_hf_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}))
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         HookedGPT2.from_hf(tmp_path)
+
+
+def train_one_step(model: HookedGPT2, tokens: torch.Tensor) -> None:
+    """An optimizer step on ``model``: in-place updates of every parameter it owns."""
+    model.train()
+    model.loss(tokens).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.eval()
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["unprocessed", "processed"])
+@pytest.mark.parametrize("source", ["object", "directory"])
+def test_loading_leaves_the_hugging_face_model_bitwise_unchanged(source, process, tmp_path):
+    """Loading (and processing, and training what was loaded) never writes into the
+    caller's Hugging Face model, its files, or a HookedGPT2 loaded from it before. Tied
+    embeddings and random layer norms, so that every processing step has work to do."""
+    hf = random_hf_model(0, **SHAPES[2])
+    hf.save_pretrained(tmp_path)
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    tokens = random_tokens(SHAPES[2]["vocab_size"], 2, SHAPES[2]["n_positions"])
+    before = {name: tensor.clone() for name, tensor in hf.state_dict().items()}
+    earlier = HookedGPT2.from_hf(hf)
+    with torch.no_grad():
+        hf_logits, earlier_logits = hf(tokens).logits, earlier(tokens)
+    model = HookedGPT2.from_hf(hf if source == "object" else tmp_path, process_weights=process)
+    train_one_step(model, tokens)
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    with torch.no_grad():
+        assert torch.equal(hf(tokens).logits, hf_logits)
+        assert torch.equal(earlier(tokens), earlier_logits)
+    assert files == {path.name: path.read_bytes() for path in tmp_path.iterdir()}

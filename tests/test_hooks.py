@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from hooked_gpt2 import GPT2Config, HookedGPT2, HookError
+from hooked_gpt2 import GPT2Config, HookedGPT2, HookError, HookOutputError
 from hooked_gpt2.model import Attention, LayerNorm
 from tests.reference_gpt2 import make_model, reference_forward
 
@@ -421,3 +421,66 @@ def test_pos_embed_can_be_edited_in_place():
         by_hand = model(tokens)
         model.pos_embed.weight[2] = saved
     torch.testing.assert_close(edited, by_hand)
+
+
+BAD_OUTPUTS = {
+    "fewer positions (would broadcast)": ("blocks.0.attn.hook_z", lambda z, hook: z[:, -1:]),
+    "fewer features (would fail inside layer norm)": ("blocks.0.hook_resid_post", lambda x, hook: x[..., :-1]),
+    "a string": ("blocks.1.hook_resid_pre", lambda x, hook: "oops"),
+    "a list": ("blocks.0.mlp.hook_post", lambda x, hook: x.tolist()),
+    "an extra axis": ("blocks.1.attn.hook_pattern", lambda p, hook: p[None]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OUTPUTS))
+def test_a_hook_returning_anything_but_none_or_its_shape_raises_naming_the_hook(model, tokens, case):
+    name, fn = BAD_OUTPUTS[case]
+    shape = tuple(model.run_with_cache(tokens, names_filter=name)[1][name].shape)
+    with pytest.raises(HookOutputError) as info:
+        model.run_with_hooks(tokens, fwd_hooks=[(name, fn)])
+    message = str(info.value)
+    assert name in message and str(shape) in message and "returned" in message, message
+    assert no_hooks_attached(model)
+
+
+def test_a_backward_hook_returning_a_wrong_shape_raises_naming_the_hook(tokens):
+    torch.manual_seed(0)
+    model = HookedGPT2(GPT2Config(n_layers=2, d_model=64, n_heads=4, n_ctx=32, d_vocab=101))
+    name = "blocks.0.hook_resid_mid"
+    with pytest.raises(HookOutputError, match=rf"backward hook .* on {name} returned a tensor of shape \(2, 7, 63\)"):
+        with model.hooks(bwd_hooks=[(name, lambda grad, hook: grad[..., 1:])]):
+            model(tokens).logsumexp(-1).sum().backward()
+
+
+def test_a_hook_may_return_another_dtype_or_a_non_contiguous_tensor_of_the_right_shape(model, tokens):
+    """A float64 (or transposed-and-back) replacement is cast to the activation's dtype:
+    the run gives what the same values in float32 give."""
+    name = "blocks.1.hook_resid_pre"
+    doubled = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: (2 * x).double())])
+    assert doubled.dtype == torch.float32
+    expected = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: 2 * x)])
+    assert torch.equal(doubled, expected)
+    same = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: x.transpose(0, 1).transpose(0, 1))])
+    assert torch.equal(same, model(tokens))
+
+
+def test_hooks_left_attached_are_removed_by_direction_level_and_permanence(model, tokens):
+    """reset_hooks_end=False leaves a context's hooks on, at that context's level, as in
+    TransformerLens; remove_all_hook_fns picks them by direction, level and permanence."""
+    clean = model(tokens)
+    halve = lambda act, hook: act * 0.5  # noqa: E731
+    with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", halve)], reset_hooks_end=False):
+        with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", halve)], reset_hooks_end=False):
+            pass
+    model.add_perma_hook("blocks.0.hook_attn_out", halve)
+    model.add_hook("blocks.0.hook_resid_mid", lambda grad, hook: grad, dir="bwd")
+    levels = lambda: sorted(  # noqa: E731
+        (entry.level or 0, entry.direction, entry.permanent) for hp in model.hook_points() for entry in hp.handles)
+    assert levels() == [(0, "bwd", False), (0, "fwd", True), (1, "fwd", False), (2, "fwd", False)]
+    model.remove_all_hook_fns(level=2)
+    assert levels() == [(0, "bwd", False), (0, "fwd", True), (1, "fwd", False)]
+    model.remove_all_hook_fns(direction="fwd")
+    assert levels() == [(0, "bwd", False), (0, "fwd", True)]
+    model.reset_hooks(including_permanent=True)
+    assert levels() == [] and no_hooks_attached(model)
+    assert torch.equal(model(tokens), clean)

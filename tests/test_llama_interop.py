@@ -109,3 +109,20 @@ def test_from_hf_refuses_what_it_cannot_represent(tmp_path):
     scaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
     with pytest.raises(CheckpointError, match="'linear' rotary scaling"):
         HookedGPT2.from_hf(scaled)
+
+
+@pytest.mark.parametrize("source", ["object", "directory"])
+def test_loading_and_processing_leave_the_llama_bitwise_unchanged(source, tmp_path):
+    from tests.test_hf_interop import train_one_step
+
+    hf = tiny_llama(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
+    hf.save_pretrained(tmp_path)
+    before = {name: tensor.clone() for name, tensor in hf.state_dict().items()}
+    with torch.no_grad():
+        hf_logits = hf(TOKENS).logits
+    model = HookedGPT2.from_hf(hf if source == "object" else tmp_path, process_weights=True)
+    train_one_step(model, TOKENS)
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    with torch.no_grad():
+        assert torch.equal(hf(TOKENS).logits, hf_logits)

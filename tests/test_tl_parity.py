@@ -506,7 +506,249 @@ def test_processing_refuses_what_it_cannot_do_on_variants():
     for name in ("rotary", "qk_norm"):
         with pytest.raises(ValueError, match="refactor_factored_attn_matrices is not supported"):
             make_variant(name).process_weights_(refactor_factored_attn_matrices=True)
+        model = make_variant(name)
+        for call in (model.refactor_factored_attn_matrices, lambda: model.refactor_factored_attn_matrices(model.state_dict())):
+            with pytest.raises(ValueError, match="refactor_factored_attn_matrices is not supported"):
+                call()
+    with pytest.raises(ValueError, match="center_weights=False"):
+        make_variant("rmsnorm").fold_layer_norm()
+    with pytest.raises(ValueError, match="RMSNorm does not"):
+        make_variant("rmsnorm").center_writing_weights()
     from hooked_gpt2 import processing
 
     with pytest.raises(ValueError, match="RMSNorm does not"):
         processing.center_writing_weights(make_variant("rmsnorm"))
+
+
+# The rest of TransformerLens's calls, at two shapes (d_model / n_heads), processed and
+# unprocessed, with our model loaded from an in-memory Hugging Face model and from a directory.
+
+SHAPES = {"d32h4": dict(n_layers=2, d_model=32, n_heads=4), "d48h3": dict(n_layers=3, d_model=48, n_heads=3)}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def shaped_base(request, tmp_path_factory):
+    """A Hugging Face directory of a random GPT-2 of this shape (perturbed layer norms and biases)."""
+    torch.manual_seed(1)
+    model = HookedGPT2(GPT2Config(**SHAPES[request.param], n_ctx=32, d_vocab=50257)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif ".ln" in name or name.startswith("ln_final"):
+                p.normal_(1, 0.3)
+    return model.save_hf(tmp_path_factory.mktemp(request.param) / "gpt2")
+
+
+@pytest.fixture(scope="module", params=["object-unprocessed", "object-processed", "dir-unprocessed", "dir-processed"])
+def loaded_pair(request, shaped_base):
+    from transformers import GPT2LMHeadModel
+
+    source, processing = request.param.split("-")
+    processed = processing == "processed"
+    hf_or_dir = GPT2LMHeadModel.from_pretrained(shaped_base).eval() if source == "object" else shaped_base
+    ours = HookedGPT2.from_hf(hf_or_dir, process_weights=processed)
+    return ours, tl_model(shaped_base, PROCESSING if processed else NO_PROCESSING)
+
+
+def tl_layout(state: dict, n_heads: int) -> dict:
+    """Our state dict under TransformerLens's names and axes (W_Q [head d_model d_head], ...),
+    written out here, independently of the model's own views."""
+    out = {}
+    for name, t in state.items():
+        prefix, _, leaf = name.rpartition(".")
+        if name.endswith("attn.qkv.weight"):
+            W = t.reshape(3, n_heads, -1, t.shape[-1]).transpose(-2, -1)  # [3 head d_model d_head]
+            out.update({f"{prefix[:-4]}.W_Q": W[0], f"{prefix[:-4]}.W_K": W[1], f"{prefix[:-4]}.W_V": W[2]})
+        elif name.endswith("attn.qkv.bias"):
+            b = t.reshape(3, n_heads, -1)
+            out.update({f"{prefix[:-4]}.b_Q": b[0], f"{prefix[:-4]}.b_K": b[1], f"{prefix[:-4]}.b_V": b[2]})
+        elif name.endswith("attn.out.weight"):
+            out[f"{prefix[:-4]}.W_O"] = t.reshape(t.shape[0], n_heads, -1).permute(1, 2, 0)
+        elif name.endswith("attn.out.bias"):
+            out[f"{prefix[:-4]}.b_O"] = t
+        elif ".mlp.fc_" in name:
+            which = "in" if ".fc_in." in name else "out"
+            out[f"{prefix[: -len('.fc_' + which)]}.{'W' if leaf == 'weight' else 'b'}_{which}"] = (
+                t.T if leaf == "weight" else t)
+        elif name in ("embed.weight", "pos_embed.weight"):
+            out["embed.W_E" if name == "embed.weight" else "pos_embed.W_pos"] = t
+        elif name == "unembed.weight":
+            out["unembed.W_U"] = t.T
+        elif name == "unembed.bias":
+            out["unembed.b_U"] = t
+        elif ".ln" in name or name.startswith("ln_final"):
+            out[f"{prefix}.{'w' if leaf == 'weight' else 'b'}"] = t
+    return out
+
+
+def assert_same_weights(ours: dict, theirs: dict, n_heads: int, skip=()) -> None:
+    """Every weight of TransformerLens's state dict matches ours; where we have none (the
+    scale-only norms of a folded model, biases we never had), theirs is the identity."""
+    ours = tl_layout(ours, n_heads)
+    for name, t in theirs.items():
+        if not t.is_floating_point() or name.endswith(("IGNORE", "mask")) or name.endswith(skip):
+            continue
+        if name in ours:
+            close(ours[name], t, atol=2e-5)
+        else:
+            assert torch.equal(t, torch.ones_like(t) if name.endswith(".w") else torch.zeros_like(t)), name
+
+
+STEP_NAMES = ["fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases"]
+
+
+@pytest.mark.parametrize("step", STEP_NAMES)
+def test_processing_step_methods_match(loaded_pair, step):
+    """Each step on a state dict returns TransformerLens's processed copy, leaving the
+    input as it was; without a state dict it processes the model in place to the same weights."""
+    import copy
+
+    ours, theirs = loaded_pair
+    n_heads = ours.cfg.n_heads
+    our_state, their_state = ours.state_dict(), theirs.state_dict()
+    before = {name: t.clone() for name, t in our_state.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = getattr(theirs, step)(their_state)
+    assert_same_weights(getattr(ours, step)(our_state), expected, n_heads)
+    assert all(torch.equal(t, before[name]) for name, t in our_state.items())
+    in_place = copy.deepcopy(ours)
+    assert getattr(in_place, step)() is in_place
+    assert_same_weights(in_place.state_dict(), expected, n_heads)
+
+
+def test_processing_step_methods_chain_as_from_pretrained_does(loaded_pair):
+    ours, theirs = loaded_pair
+    our_state, their_state = ours.state_dict(), theirs.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in STEP_NAMES:
+            our_state, their_state = getattr(ours, step)(our_state), getattr(theirs, step)(their_state)
+            assert_same_weights(our_state, their_state, ours.cfg.n_heads)
+        ours_refactored = ours.refactor_factored_attn_matrices(our_state)
+        theirs_refactored = theirs.refactor_factored_attn_matrices(their_state)
+    # SVD factors are unique up to sign: compare what they multiply to, and the biases.
+    a, b = tl_layout(ours_refactored, ours.cfg.n_heads), theirs_refactored
+    for l in range(ours.cfg.n_layers):
+        p = f"blocks.{l}.attn."
+        close(a[p + "W_Q"] @ a[p + "W_K"].transpose(-2, -1), b[p + "W_Q"] @ b[p + "W_K"].transpose(-2, -1))
+        close(a[p + "W_V"] @ a[p + "W_O"], b[p + "W_V"] @ b[p + "W_O"])
+        close(a[p + "b_O"], b[p + "b_O"])
+    with pytest.raises(ValueError, match="TransformerLens's layout"):
+        ours.fold_layer_norm(theirs.state_dict())
+    with pytest.raises(ValueError, match="fold_biases=False"):
+        ours.fold_layer_norm(fold_biases=False)
+
+
+def test_weights_circuits_and_composition_scores_match(loaded_pair):
+    ours, theirs = loaded_pair
+    close(ours.W_E_pos, theirs.W_E_pos)
+    for l in range(ours.cfg.n_layers):
+        for circuit in ("OV", "QK"):
+            a, b = getattr(ours.blocks[l].attn, circuit), getattr(theirs.blocks[l].attn, circuit)
+            assert a.shape == b.shape
+            close(a.AB, b.AB)
+            close(a.norm(), b.norm())
+    for mode in "QKV":
+        close(ours.all_composition_scores(mode), theirs.all_composition_scores(mode), atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be"):
+        ours.all_composition_scores("O")
+
+
+def test_cache_batch_slices_autodiff_and_logit_attrs_match(loaded_pair):
+    ours, theirs = loaded_pair
+    tokens = ours.to_tokens(PROMPTS)
+    (_, a), (_, b) = ours.run_with_cache(tokens), theirs.run_with_cache(tokens)
+    for batch_slice in (1, [1], (0, 1), slice(1, 2)):
+        sliced_a, sliced_b = a.apply_slice_to_batch_dim(batch_slice), b.apply_slice_to_batch_dim(batch_slice)
+        assert sliced_a.has_batch_dim == sliced_b.has_batch_dim and list(sliced_a) == list(sliced_b)
+        for name in sliced_b:
+            close(sliced_a[name], sliced_b[name])
+        if sliced_b.has_batch_dim:
+            close(sliced_a.accumulated_resid(apply_ln=True), sliced_b.accumulated_resid(apply_ln=True))
+    wrong = tokens.flip(0)  # [batch pos] ids, as the docstring's layout
+    for method in ("accumulated_resid", "decompose_resid", "stack_head_results", "get_full_resid_decomposition"):
+        stack_a, stack_b = getattr(a, method)(), getattr(b, method)()
+        close(a.logit_attrs(stack_a, tokens), b.logit_attrs(stack_b, tokens))
+        close(a.logit_attrs(stack_a, tokens, incorrect_tokens=wrong), b.logit_attrs(stack_b, tokens, incorrect_tokens=wrong))
+    try:
+        for cache in (a, b):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache.toggle_autodiff(False)
+                assert not torch.is_grad_enabled()
+                cache.toggle_autodiff(True)
+                assert torch.is_grad_enabled()
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def test_run_with_cache_grad_pos_slice_and_reset_hooks_end_match(loaded_pair):
+    ours, theirs = loaded_pair
+    tokens, other = ours.to_tokens(PROMPTS[0]), ours.to_tokens(PROMPTS[0][::-1])[:, :14]
+    tokens = tokens[:, :14]
+    grads = []
+    for model in (ours, theirs):
+        model.zero_grad()
+        logits, cache = model.run_with_cache(tokens)
+        assert logits.grad_fn is not None and not any(t.requires_grad for t in cache.values())
+        logits[0, -1, 42].backward()  # attribution patching's metric(logits).backward()
+        grads.append(model.pos_embed.W_pos.grad.clone())  # not W_E: an unprocessed GPT-2 ties it to W_U
+        model.zero_grad()
+    close(*grads)
+    for pos_slice in (-1, (1, 4), [0, 2, 5]):
+        (_, a), (_, b) = ours.run_with_cache(tokens, pos_slice=pos_slice), theirs.run_with_cache(tokens, pos_slice=pos_slice)
+        assert list(a) == list(b)
+        for name in b:
+            close(a[name], b[name])
+    caches = []
+    for model in (ours, theirs):
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_pre", reset_hooks_end=False)
+        model(other)  # the hooks are still attached: they store this run
+        model.reset_hooks()
+        model(tokens)
+        caches.append(cache["blocks.0.hook_resid_pre"])
+    close(*caches)
+    close(caches[0], ours.run_with_cache(other)[1]["blocks.0.hook_resid_pre"])
+
+
+def test_caching_hooks_and_hook_removal_match(loaded_pair):
+    ours, theirs = loaded_pair
+    tokens = ours.to_tokens(PROMPTS[1])
+    results = []
+    for model in (ours, theirs):
+        store, fwd, bwd = model.get_caching_hooks(lambda n: "resid" in n or "pattern" in n, incl_bwd=True)
+        with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+            model(tokens, return_type="loss").backward()
+        model.zero_grad()
+        every = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.cache_all(every)
+        model(tokens)
+        model.reset_hooks()
+        halve = lambda act, hook: act * 0.5  # noqa: E731
+        model.add_perma_hook("blocks.0.hook_mlp_out", halve)
+        model.add_hook("blocks.1.hook_attn_out", halve)
+        model.add_hook("blocks.0.hook_resid_mid", lambda grad, hook: 3 * grad, dir="bwd")
+        both = model(tokens)
+        model.remove_all_hook_fns(direction="fwd")  # the permanent one and the backward one stay
+        point = model.hook_dict["blocks.0.hook_resid_mid"]
+        assert len(point.handles if model is ours else point.bwd_hooks) == 1
+        permanent = model(tokens)
+        model.remove_all_hook_fns(including_permanent=True)
+        clean = model(tokens)
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_attn_out", halve)], reset_hooks_end=False)
+        still_hooked = model(tokens)
+        model.reset_hooks()
+        results.append((store, every, both, permanent, clean, still_hooked, model(tokens)))
+    (store_a, every_a, *outs_a), (store_b, every_b, *outs_b) = results
+    assert sorted(store_a) == sorted(store_b) and sorted(every_a) == sorted(every_b)
+    for name in store_b:
+        close(store_a[name], store_b[name])
+    for name in every_b:
+        close(every_a[name], every_b[name])
+    for a, b in zip(outs_a, outs_b):
+        close(a, b)
+    assert not torch.allclose(outs_a[-2], outs_a[-1])  # reset_hooks_end=False left the hook on
