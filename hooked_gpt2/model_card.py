@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .config import GPT2Config
+from .tokenizer import D_VOCAB
 
 EVALUATION_FILE = "evaluation.json"  # written by analyses.evaluate beside a checkpoint
 
@@ -47,6 +48,50 @@ def _cell(value) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+NATIVE = ("GPT2LMHeadModel", "LlamaForCausalLM")  # classes transformers has: no remote code
+
+
+def _export_plan(cfg: GPT2Config) -> tuple[str, list[str]]:
+    from .hf_interop import export_plan  # which imports this module
+
+    return export_plan(cfg)
+
+
+def usage(cfg: GPT2Config) -> list[str]:
+    """The card's "How to use" section: which class the export loads as, whether remote
+    code is needed and why, what the vocabulary is, and the commands that load it."""
+    architecture, reasons = _export_plan(cfg)
+    lines = ["## How to use", ""]
+    if architecture in NATIVE:
+        lines.append(f"The weights load as `transformers`' own `{architecture}`, an exactly equivalent model.")
+    else:
+        lines.append(f"No `transformers` class computes this architecture exactly ({'; '.join(reasons)}), so this "
+                     f"directory carries its own modeling code (`modeling_hooked_gpt2.py`, "
+                     f"`configuration_hooked_gpt2.py`; class `{architecture}`, torch and transformers only), and "
+                     "loading it requires `trust_remote_code=True`: read the code before you trust it.")
+    if cfg.vocab is not None:
+        lines += ["", f"The vocabulary is compact: {len(cfg.vocab):,} token ids, each standing for the GPT-2 token "
+                  f"listed in `compact_vocab.json`, except id {cfg.vocab.index(-1)}, which stands for every other "
+                  "GPT-2 token and decodes to `<|other|>`. Its tokenizer (`tokenization_hooked_gpt2.py`) runs "
+                  "GPT-2's byte-pair encoding and maps it to these ids, so it too needs `trust_remote_code=True`."]
+    elif cfg.d_vocab == D_VOCAB:
+        lines += ["", "It uses GPT-2's tokenizer (50,257 tokens), whose files are included."]
+    else:
+        lines += ["", f"Its {cfg.d_vocab:,} token ids belong to no tokenizer: it reads and writes token ids only."]
+    trust = ", trust_remote_code=True" if architecture not in NATIVE or cfg.vocab is not None else ""
+    model_trust = ", trust_remote_code=True" if architecture not in NATIVE else ""
+    lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline", "",
+              f'model = AutoModelForCausalLM.from_pretrained("THIS_REPO"{model_trust})']
+    if cfg.vocab is not None or cfg.d_vocab == D_VOCAB:
+        tokenizer_trust = ", trust_remote_code=True" if cfg.vocab is not None else ""
+        lines += [f'tokenizer = AutoTokenizer.from_pretrained("THIS_REPO"{tokenizer_trust})',
+                  f'generator = pipeline("text-generation", model="THIS_REPO"{trust})',
+                  'print(generator("def main(", max_new_tokens=20, do_sample=False)[0]["generated_text"])']
+    lines += ["```", "", "With hooked-gpt2, for its hooks and analyses: `HookedGPT2.from_hf(local_directory)` "
+              "(after `hf download THIS_REPO --local-dir local_directory`) gives back the same model exactly.", ""]
+    return lines
+
+
 def model_card(cfg: GPT2Config, source: str | Path | None = None, name: str | None = None) -> str:
     """Markdown with Hugging Face front matter describing the model ``cfg`` exported from
     checkpoint directory ``source``.
@@ -56,14 +101,17 @@ def model_card(cfg: GPT2Config, source: str | Path | None = None, name: str | No
     """
     run_config, state, evaluation = run_files(source)
     title = name or (Path(run_config["out"]).name if run_config.get("out") else "hooked-gpt2 model")
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [gpt2, hooked-gpt2]", "---",
+    architecture, _ = _export_plan(cfg)
+    remote_code = architecture not in NATIVE or cfg.vocab is not None
+    tags = "[gpt2, hooked-gpt2, custom_code]" if remote_code else "[gpt2, hooked-gpt2]"
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: {tags}", "---",
              f"# {title}", "",
              f"A GPT-2 architecture language model of {cfg.n_params() / 1e6:.2f}M parameters "
-             f"({cfg.n_params(embeddings=False) / 1e6:.2f}M outside the embeddings), trained with hooked-gpt2. "
-             "It loads with `transformers.GPT2LMHeadModel.from_pretrained(this_directory)` and with "
-             "`hooked_gpt2.HookedGPT2.from_hf(this_directory)`, and uses GPT-2's tokenizer.", ""]
+             f"({cfg.n_params(embeddings=False) / 1e6:.2f}M outside the embeddings), trained with hooked-gpt2.", ""]
+    lines += usage(cfg)
     lines += ["## Architecture", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {_cell(v)} |" for k, v in cfg.to_dict().items()]
+    lines += [f"| {k} | {_cell(v) if k != 'vocab' or v is None else f'compact, {len(v):,} ids (compact_vocab.json)'} |"
+              for k, v in cfg.to_dict().items()]
     changed = [f"{k}={_cell(getattr(cfg, k))}" for k, gpt2 in ARCHITECTURE_CHOICES if getattr(cfg, k) != gpt2]
     lines += ["", "Differs from OpenAI's GPT-2 in: " + (", ".join(changed) if changed else "nothing of "
               + ", ".join(k for k, _ in ARCHITECTURE_CHOICES)) + ".", ""]
