@@ -251,9 +251,15 @@ EXPORTS = {
 }
 
 
-def save_hf(model, path, source=None) -> Path:
+def save_hf(model, path, source=None, architecture: str | None = None) -> Path:
+    """Write ``model`` as the Hugging Face class ``export_plan`` chooses, or as
+    ``architecture`` (``HookedGPT2ForCausalLM`` exports any model with our own code)."""
     cfg = model.cfg
-    architecture, _ = export_plan(cfg)
+    planned, _ = export_plan(cfg)
+    architecture = architecture or planned
+    if architecture not in (planned, hf_custom.ARCHITECTURE):
+        raise ConfigError(f"this model cannot be exported exactly as {architecture}; it exports as {planned}, or as "
+                          f"{hf_custom.ARCHITECTURE} with architecture={hf_custom.ARCHITECTURE!r}")
     write_state, write_config = EXPORTS[architecture]
     state, hf_config = write_state(model), hf_custom.with_compact_vocab(write_config(cfg), cfg)
     path = Path(path)
@@ -267,7 +273,8 @@ def save_hf(model, path, source=None) -> Path:
         write_hf_tokenizer(path, cfg.n_ctx)
     if cfg.vocab is not None:
         hf_custom.write_compact_tokenizer(path, cfg)
-    atomic_write(path / "README.md", model_card(cfg, source or getattr(model, "source_dir", None)))
+    atomic_write(path / "README.md", model_card(cfg, source or getattr(model, "source_dir", None),
+                                                  architecture=architecture))
     return path
 
 

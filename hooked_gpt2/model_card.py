@@ -57,16 +57,17 @@ def _export_plan(cfg: GPT2Config) -> tuple[str, list[str]]:
     return export_plan(cfg)
 
 
-def usage(cfg: GPT2Config) -> list[str]:
-    """The card's "How to use" section: which class the export loads as, whether remote
-    code is needed and why, what the vocabulary is, and the commands that load it."""
-    architecture, reasons = _export_plan(cfg)
+def usage(cfg: GPT2Config, architecture: str) -> list[str]:
+    """The card's "How to use" section for an export as class ``architecture``: whether
+    remote code is needed and why, what the vocabulary is, and the commands that load it."""
+    planned, reasons = _export_plan(cfg)
     lines = ["## How to use", ""]
     if architecture in NATIVE:
         lines.append(f"The weights load as `transformers`' own `{architecture}`, an exactly equivalent model.")
     else:
-        lines.append(f"No `transformers` class computes this architecture exactly ({'; '.join(reasons)}), so this "
-                     f"directory carries its own modeling code (`modeling_hooked_gpt2.py`, "
+        why = (f"no `transformers` class computes this architecture exactly ({'; '.join(reasons)})" if reasons else
+               f"it was exported with its own code on request (it would also load as `{planned}`)")
+        lines.append(f"As {why}, this directory carries its own modeling code (`modeling_hooked_gpt2.py`, "
                      f"`configuration_hooked_gpt2.py`; class `{architecture}`, torch and transformers only), and "
                      "loading it requires `trust_remote_code=True`: read the code before you trust it.")
     if cfg.vocab is not None:
@@ -92,23 +93,25 @@ def usage(cfg: GPT2Config) -> list[str]:
     return lines
 
 
-def model_card(cfg: GPT2Config, source: str | Path | None = None, name: str | None = None) -> str:
+def model_card(cfg: GPT2Config, source: str | Path | None = None, name: str | None = None,
+               architecture: str | None = None) -> str:
     """Markdown with Hugging Face front matter describing the model ``cfg`` exported from
-    checkpoint directory ``source``.
+    checkpoint directory ``source`` as Hugging Face class ``architecture`` (by default the
+    one ``save_hf`` chooses).
 
     >>> print(model_card(GPT2Config.preset("tiny")).splitlines()[5])
     # hooked-gpt2 model
     """
     run_config, state, evaluation = run_files(source)
     title = name or (Path(run_config["out"]).name if run_config.get("out") else "hooked-gpt2 model")
-    architecture, _ = _export_plan(cfg)
+    architecture = architecture or _export_plan(cfg)[0]
     remote_code = architecture not in NATIVE or cfg.vocab is not None
     tags = "[gpt2, hooked-gpt2, custom_code]" if remote_code else "[gpt2, hooked-gpt2]"
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: {tags}", "---",
              f"# {title}", "",
              f"A GPT-2 architecture language model of {cfg.n_params() / 1e6:.2f}M parameters "
              f"({cfg.n_params(embeddings=False) / 1e6:.2f}M outside the embeddings), trained with hooked-gpt2.", ""]
-    lines += usage(cfg)
+    lines += usage(cfg, architecture)
     lines += ["## Architecture", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {_cell(v) if k != 'vocab' or v is None else f'compact, {len(v):,} ids (compact_vocab.json)'} |"
               for k, v in cfg.to_dict().items()]
