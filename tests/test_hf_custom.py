@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from data_prep.sources import SourceStats, resolve_source  # noqa: E402
 from hooked_gpt2 import GPT2Config, HookedGPT2  # noqa: E402
 from hooked_gpt2 import hf_custom, hf_interop  # noqa: E402
 from hooked_gpt2.config import ConfigError  # noqa: E402
-from hooked_gpt2.tokenizer import CompactTokenizer, get_tokenizer  # noqa: E402
+from hooked_gpt2.tokenizer import D_VOCAB, CompactTokenizer, get_tokenizer  # noqa: E402
 from tests.conftest import shakespeare_txt  # noqa: E402
 
 CUSTOM = hf_custom.ARCHITECTURE
@@ -60,11 +61,13 @@ def variant_id(v: dict) -> str:
     return "-".join([v["positional"], v["norm"], mlp, *flags] + (["rot8"] if v.get("rotary_dim") else []))
 
 
-def random_model(vocab: list[int], seed: int = 0, **variant) -> HookedGPT2:
-    """A tiny model with every parameter random (norms and biases included), so that a
-    misplaced or transposed tensor cannot hide behind a one or a zero."""
+def random_model(vocab: list[int] | None, seed: int = 0, **variant) -> HookedGPT2:
+    """A tiny model over compact vocabulary ``vocab`` (None: GPT-2's) with every parameter
+    random, norms and biases included, so that a misplaced or transposed tensor cannot hide
+    behind a one or a zero."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layers=2, d_model=32, n_heads=2, n_ctx=32, d_mlp=48, d_vocab=len(vocab), vocab=vocab,
+    d_vocab = D_VOCAB if vocab is None else len(vocab)
+    cfg = GPT2Config(n_layers=2, d_model=32, n_heads=2, n_ctx=32, d_mlp=48, d_vocab=d_vocab, vocab=vocab,
                      dropout=0.0, **variant)
     model = HookedGPT2(cfg).eval()
     with torch.no_grad():
@@ -142,3 +145,150 @@ def test_every_variant_exports_and_runs_in_transformers(variant, shakespeare_voc
         exports.append(hf_interop.save_hf(model, tmp_path / "custom", architecture=CUSTOM))
     for path in exports:
         check_export(model, path, tmp_path / "trainer")
+
+
+def test_save_hf_refuses_a_class_that_does_not_fit(shakespeare_vocab, tmp_path):
+    model = random_model(shakespeare_vocab, positional="rotary", qk_norm=True)
+    with pytest.raises(ConfigError, match="cannot be exported exactly as GPT2LMHeadModel; it exports as "
+                                          "HookedGPT2ForCausalLM"):
+        hf_interop.save_hf(model, tmp_path, architecture="GPT2LMHeadModel")
+    assert not any(tmp_path.iterdir())
+
+
+def stdlib_sample(every: int = 16) -> list[str]:
+    """Every ``every``-th file of the embedded corpus (the Python standard library), about
+    750 kB: the whole corpus through the HF tokenizer would take ~15 s."""
+    source, stats = resolve_source("python-stdlib"), SourceStats()
+    return [doc.read(stats) for i, doc in enumerate(source.documents) if i % every == 0]
+
+
+def test_compact_tokenizer_matches_ours_on_the_embedded_corpus(tmp_path):
+    docs = stdlib_sample()
+    corpus = "<|endoftext|>".join(docs)  # as prepared data separates documents
+    tricky = "héllo ünïcödé 日本語 🙂 <|other|> <|endoftext|>x\r\n\t  trailing   "
+    for size, name in [(512, "frequent"), (None, "complete")]:
+        # frequent: the catch-all stands for many tokens; complete: every token of the text has its own id.
+        vocab = compact_vocab(corpus + tricky, size or D_VOCAB)  # complete: every GPT-2 id that occurs, + catch-all
+        model = random_model(vocab)
+        path = model.save_hf(tmp_path / name)
+        theirs = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        ours = CompactTokenizer(vocab)
+        assert theirs.eos_token_id == theirs.bos_token_id == theirs.pad_token_id == ours.eos_token_id
+        assert len(theirs) == len(vocab)
+        for text in [*docs, tricky, corpus[:20_000]]:
+            ids = theirs(text)["input_ids"]
+            assert ids == ours.encode_text(text)
+            assert theirs.decode(ids) == ours.decode(ids)
+            assert theirs.decode(ids, skip_special_tokens=True) == ours.decode(ids, skip_special_tokens=True)
+            if size is None:
+                assert theirs.decode(ids) == text  # text -> ids -> text, exactly
+        other = vocab.index(-1)
+        ids = theirs(tricky)["input_ids"]
+        assert (other in ids) == (size is not None) and theirs.decode([other]) == "<|other|>"
+        again = tmp_path / f"{name}-saved"
+        theirs.save_pretrained(again)  # a tokenizer saved by transformers loads the same
+        reloaded = transformers.AutoTokenizer.from_pretrained(again, trust_remote_code=True)
+        assert reloaded(docs[0])["input_ids"] == ours.encode_text(docs[0])
+    with pytest.raises(ValueError, match="outside this compact vocabulary of"):
+        theirs.decode([len(vocab)])
+
+
+# Run in a fresh interpreter, from a directory outside the repository, with hooked_gpt2
+# (and the repository's other packages) made unimportable: the exports must stand alone.
+STANDALONE = textwrap.dedent('''
+    import importlib.abc, json, sys
+    REPO_PACKAGES = ("hooked_gpt2", "data_prep", "training", "analyses", "tests")
+
+    class Refuse(importlib.abc.MetaPathFinder):  # ahead of the editable install's finder
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in REPO_PACKAGES:
+                raise ImportError(f"{name} is not importable in this test")
+
+    sys.meta_path.insert(0, Refuse())
+    sys.path = [p for p in sys.path if not p.startswith(sys.argv[2])]
+    try:
+        import hooked_gpt2  # noqa: F401
+        sys.exit("hooked_gpt2 is importable")
+    except ImportError:
+        pass
+    import torch, transformers
+
+    results = {}
+    tensors = torch.load(sys.argv[1] + ".pt", weights_only=True)
+    for name, case in json.loads(open(sys.argv[1]).read()).items():
+        path, tokens = case["path"], tensors[name + ".tokens"]
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(tokens).logits
+        prompt = tokens[:, :4]
+        greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+        generator = transformers.pipeline("text-generation", model=path, trust_remote_code=True, device="cpu")
+        text = generator(case["prompt"], max_new_tokens=8, do_sample=False, return_full_text=False)[0]
+        args = transformers.TrainingArguments(output_dir=case["trainer_dir"], max_steps=3, learning_rate=1e-2,
+                                              per_device_train_batch_size=len(tokens), logging_steps=1,
+                                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+        data = [{"input_ids": row, "labels": row} for row in tokens]
+        trainer = transformers.Trainer(model=model.train(), args=args, train_dataset=data)
+        trainer.train()
+        results[name] = {
+            "class": type(model).__name__, "module": type(model).__module__,
+            "max_diff": (logits - tensors[name + ".logits"]).abs().max().item(),
+            "greedy": greedy.tolist(), "text": text["generated_text"],
+            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        }
+    print(json.dumps(results))
+''')
+
+
+def train_run(shakespeare_data, out, preset: str, **model) -> HookedGPT2:
+    """The final checkpoint of a few steps of training.train, loaded as a user would."""
+    from training import rundir
+    from training.config import TrainConfig
+    from training.train import train
+
+    cfg = TrainConfig(preset=preset, model=dict(dropout=0.0, **model), data=str(shakespeare_data), out=str(out),
+                      batch_size=2, max_steps=3, warmup_steps=1, eval_every=3, eval_batches=1, eval_batch_size=2,
+                      sample_tokens=0, precision="fp32", progress=False, tensorboard=False, peak_flops=1e12, seed=0)
+    _, checkpoint = rundir.list_checkpoints(train(cfg))[-1]
+    return HookedGPT2.from_pretrained(checkpoint)
+
+
+def test_exports_run_where_hooked_gpt2_cannot_be_imported(shakespeare_data, tmp_path):
+    from data_prep.compact import compact
+
+    compacted = compact(shakespeare_data, tmp_path / "v128", 128, log=lambda *a: None)
+    models = {
+        "demo": train_run(shakespeare_data, tmp_path / "runs" / "demo", "demo"),  # the main job's preset
+        "qk_norm": random_model(None, qk_norm=True),  # GPT-2's vocabulary: its own tokenizer, no remote code for it
+        "compact": train_run(compacted, tmp_path / "runs" / "compact", "demo"),  # as the studies train it
+    }
+    assert models["compact"].cfg.vocab is not None and models["demo"].cfg.attn_only
+    cases, tensors, expected = {}, {}, {}
+    for name, model in models.items():
+        path = model.save_hf(tmp_path / "exports" / name)
+        assert (path / "modeling_hooked_gpt2.py").is_file()
+        tokens = random_tokens(model.cfg.d_vocab, 2, model.cfg.n_ctx, seed=1)
+        with torch.no_grad():
+            logits = model(tokens)
+        prompt = model.to_tokens(PROMPT, prepend_bos=False)
+        continuation = model.generate(prompt, max_new_tokens=8, temperature=0)[0, prompt.shape[1]:]
+        cases[name] = {"path": str(path), "prompt": PROMPT, "trainer_dir": str(tmp_path / "trainer" / name)}
+        tensors[name + ".tokens"], tensors[name + ".logits"] = tokens, logits
+        expected[name] = {"greedy": model.generate(tokens[:, :4], max_new_tokens=12, temperature=0).tolist(),
+                          "text": model.tokenizer.decode(continuation, skip_special_tokens=True)}
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    torch.save(tensors, tmp_path / "cases.json.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    repo = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-I", "-c", STANDALONE, str(tmp_path / "cases.json"), repo],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, result in results.items():
+        assert result["class"] == CUSTOM and result["module"].startswith("transformers_modules."), result
+        assert result["max_diff"] < 1e-5, (name, result["max_diff"])
+        assert result["greedy"] == expected[name]["greedy"], name
+        assert result["text"] == expected[name]["text"], name
+        assert len(result["losses"]) == 3 and result["losses"][2] < result["losses"][0], (name, result["losses"])
