@@ -108,10 +108,10 @@ def check_export(model: HookedGPT2, path, trainer_dir) -> None:
     continuation = model.generate(prompt, max_new_tokens=8, temperature=0)[0, prompt.shape[1]:]
     assert text == model.tokenizer.decode(continuation, skip_special_tokens=True)
 
-    back = HookedGPT2.from_hf(path)
-    assert back.cfg == cfg
-    with torch.no_grad():
-        assert torch.equal(back(tokens), ours)
+    for back in (HookedGPT2.from_hf(path), HookedGPT2.from_hf(hf)):  # the directory, and transformers' model
+        assert back.cfg == cfg
+        with torch.no_grad():
+            assert torch.equal(back(tokens), ours)
 
     losses = train_three_steps(hf, tokens, trainer_dir)
     assert len(losses) == 3 and losses[2] < losses[0], losses
