@@ -65,9 +65,9 @@ def usage(cfg: GPT2Config, architecture: str) -> list[str]:
     if architecture in NATIVE:
         lines.append(f"The weights load as `transformers`' own `{architecture}`, an exactly equivalent model.")
     else:
-        why = (f"no `transformers` class computes this architecture exactly ({'; '.join(reasons)})" if reasons else
-               f"it was exported with its own code on request (it would also load as `{planned}`)")
-        lines.append(f"As {why}, this directory carries its own modeling code (`modeling_hooked_gpt2.py`, "
+        why = (f"No `transformers` class computes this architecture exactly: {'; '.join(reasons)}." if reasons else
+               f"It was exported with its own code on request (it would also load as `{planned}`).")
+        lines.append(f"{why} This directory carries its own modeling code (`modeling_hooked_gpt2.py`, "
                      f"`configuration_hooked_gpt2.py`; class `{architecture}`, torch and transformers only), and "
                      "loading it requires `trust_remote_code=True`: read the code before you trust it.")
     if cfg.vocab is not None:

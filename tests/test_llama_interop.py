@@ -99,7 +99,7 @@ def test_save_hf_writes_our_own_code_where_no_hugging_face_class_fits(tmp_path, 
     make_variant(name).save_hf(tmp_path)  # tests/test_hf_custom.py runs such exports through transformers
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["HookedGPT2ForCausalLM"]
     assert (tmp_path / "modeling_hooked_gpt2.py").is_file()
-    assert re.search(f"no `transformers` class computes this architecture exactly.*{problem}",
+    assert re.search(f"No `transformers` class computes this architecture exactly.*{problem}",
                      (tmp_path / "README.md").read_text())
 
 

@@ -53,7 +53,7 @@ def test_card_says_how_each_kind_of_export_loads(tiny_model, tmp_path):
     demo = HookedGPT2(GPT2Config.preset("demo", d_vocab=len(vocab), vocab=vocab))
     card = (demo.save_hf(tmp_path / "demo") / "README.md").read_text()
     assert "tags: [gpt2, hooked-gpt2, custom_code]" in card
-    assert "As no `transformers` class computes this architecture exactly (as GPT-2 it has positional='rotary'" in card
+    assert "No `transformers` class computes this architecture exactly: as GPT-2 it has positional='rotary'" in card
     assert "as Llama it has norm='layernorm'" in card and "class `HookedGPT2ForCausalLM`" in card
     assert "The vocabulary is compact: 62 token ids" in card and "except id 61" in card
     for command in ['AutoModelForCausalLM.from_pretrained("THIS_REPO", trust_remote_code=True)',
@@ -63,5 +63,5 @@ def test_card_says_how_each_kind_of_export_loads(tiny_model, tmp_path):
     assert "| vocab | compact, 62 ids (compact_vocab.json) |" in card
 
     forced = (save_hf(tiny_model, tmp_path / "forced", architecture="HookedGPT2ForCausalLM") / "README.md").read_text()
-    assert "exported with its own code on request (it would also load as `GPT2LMHeadModel`)" in forced
+    assert "It was exported with its own code on request (it would also load as `GPT2LMHeadModel`)" in forced
     assert "| vocab | null |" in forced and "GPT-2's tokenizer (50,257 tokens)" in forced
