@@ -147,6 +147,23 @@ def test_every_variant_exports_and_runs_in_transformers(variant, shakespeare_voc
         check_export(model, path, tmp_path / "trainer")
 
 
+def test_a_fresh_model_from_the_exported_config_is_initialised_as_ours(tmp_path):
+    torch.manual_seed(0)
+    ours = HookedGPT2(GPT2Config(n_layers=4, d_model=128, n_heads=4, n_ctx=16, d_vocab=500, positional="rotary",
+                                 qk_norm=True))
+    config = transformers.AutoConfig.from_pretrained(ours.save_hf(tmp_path), trust_remote_code=True)
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (500, 128, 4)
+    fresh = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    assert fresh.unembed.weight is fresh.embed.weight  # tied, as config.tie_embeddings says
+    state, expected = fresh.state_dict(), ours.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in state.items():  # GPT-2's initialisation: same constants, same spreads
+        if expected[name].std() == 0:
+            assert torch.equal(tensor, expected[name]), name
+        else:
+            assert abs(tensor.std() / expected[name].std() - 1) < 0.1, name
+
+
 def test_save_hf_refuses_a_class_that_does_not_fit(shakespeare_vocab, tmp_path):
     model = random_model(shakespeare_vocab, positional="rotary", qk_norm=True)
     with pytest.raises(ConfigError, match="cannot be exported exactly as GPT2LMHeadModel; it exports as "
