@@ -49,6 +49,7 @@ for i, (positional, norm, mlp, qk_norm) in enumerate(
         positional=positional, norm=norm, mlp="gelu" if mlp == "none" else mlp, attn_only=mlp == "none",
         qk_norm=qk_norm, qkv_bias=i % 2 == 0, attn_bias=i % 3 != 0, mlp_bias=i % 4 < 2, tie_embeddings=i % 5 < 2,
         act_fn="gelu" if i % 3 == 1 else "gelu_new", rotary_dim=8 if positional == "rotary" and i % 4 == 3 else None,
+        dropout=0.1 if i % 5 == 3 else 0.0,  # only Trainer's steps see it: the rest runs in eval mode
     ))
 # Llama's exact shape (no biases, untied): the one combination that exports as LlamaForCausalLM.
 VARIANTS.append(dict(positional="rotary", norm="rmsnorm", mlp="swiglu", qkv_bias=False, attn_bias=False,
@@ -57,7 +58,7 @@ VARIANTS.append(dict(positional="rotary", norm="rmsnorm", mlp="swiglu", qkv_bias
 
 def variant_id(v: dict) -> str:
     mlp = "attn-only" if v.get("attn_only") else v["mlp"]
-    flags = [k for k in ("qk_norm", "qkv_bias", "attn_bias", "mlp_bias", "tie_embeddings") if v.get(k)]
+    flags = [k for k in ("qk_norm", "qkv_bias", "attn_bias", "mlp_bias", "tie_embeddings", "dropout") if v.get(k)]
     return "-".join([v["positional"], v["norm"], mlp, *flags] + (["rot8"] if v.get("rotary_dim") else []))
 
 
@@ -67,8 +68,8 @@ def random_model(vocab: list[int] | None, seed: int = 0, **variant) -> HookedGPT
     behind a one or a zero."""
     torch.manual_seed(seed)
     d_vocab = D_VOCAB if vocab is None else len(vocab)
-    cfg = GPT2Config(n_layers=2, d_model=32, n_heads=2, n_ctx=32, d_mlp=48, d_vocab=d_vocab, vocab=vocab,
-                     dropout=0.0, **variant)
+    cfg = GPT2Config(**{"n_layers": 2, "d_model": 32, "n_heads": 2, "n_ctx": 32, "d_mlp": 48, "d_vocab": d_vocab,
+                        "vocab": vocab, "dropout": 0.0, **variant})
     model = HookedGPT2(cfg).eval()
     with torch.no_grad():
         for param in model.parameters():
@@ -115,6 +116,13 @@ def check_export(model: HookedGPT2, path, trainer_dir) -> None:
 
     losses = train_three_steps(hf, tokens, trainer_dir)
     assert len(losses) == 3 and losses[2] < losses[0], losses
+    if hf.config.model_type == hf_custom.MODEL_TYPE:  # fine-tuned in transformers, back into hooked-gpt2
+        # (Only our code's parameters are exactly ours: a native export's zero stand-ins for
+        # absent biases train away from zero, and from_hf drops them.)
+        hf.eval().save_pretrained(trainer_dir / "tuned")
+        tuned = HookedGPT2.from_hf(trainer_dir / "tuned")
+        with torch.no_grad():
+            assert (tuned(tokens) - hf(tokens).logits).abs().max() < 1e-5
 
 
 def train_three_steps(hf, tokens: torch.Tensor, out) -> list[float]:
