@@ -57,6 +57,11 @@ def _export_plan(cfg: GPT2Config) -> tuple[str, list[str]]:
     return export_plan(cfg)
 
 
+def remote_code(cfg: GPT2Config, architecture: str) -> tuple[bool, bool]:
+    """Whether the model and the tokenizer of an export as ``architecture`` need ``trust_remote_code=True``."""
+    return architecture not in NATIVE, cfg.vocab is not None
+
+
 def usage(cfg: GPT2Config, architecture: str) -> list[str]:
     """The card's "How to use" section for an export as class ``architecture``: whether
     remote code is needed and why, what the vocabulary is, and the commands that load it."""
@@ -79,14 +84,16 @@ def usage(cfg: GPT2Config, architecture: str) -> list[str]:
         lines += ["", "It uses GPT-2's tokenizer (50,257 tokens), whose files are included."]
     else:
         lines += ["", f"Its {cfg.d_vocab:,} token ids belong to no tokenizer: it reads and writes token ids only."]
-    trust = ", trust_remote_code=True" if architecture not in NATIVE or cfg.vocab is not None else ""
-    model_trust = ", trust_remote_code=True" if architecture not in NATIVE else ""
+    model_code, tokenizer_code = remote_code(cfg, architecture)
+
+    def trust(needed: bool) -> str:
+        return ", trust_remote_code=True" if needed else ""
+
     lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline", "",
-              f'model = AutoModelForCausalLM.from_pretrained("THIS_REPO"{model_trust})']
+              f'model = AutoModelForCausalLM.from_pretrained("THIS_REPO"{trust(model_code)})']
     if cfg.vocab is not None or cfg.d_vocab == D_VOCAB:
-        tokenizer_trust = ", trust_remote_code=True" if cfg.vocab is not None else ""
-        lines += [f'tokenizer = AutoTokenizer.from_pretrained("THIS_REPO"{tokenizer_trust})',
-                  f'generator = pipeline("text-generation", model="THIS_REPO"{trust})',
+        lines += [f'tokenizer = AutoTokenizer.from_pretrained("THIS_REPO"{trust(tokenizer_code)})',
+                  f'generator = pipeline("text-generation", model="THIS_REPO"{trust(model_code or tokenizer_code)})',
                   'print(generator("def main(", max_new_tokens=20, do_sample=False)[0]["generated_text"])']
     lines += ["```", "", "With hooked-gpt2, for its hooks and analyses: `HookedGPT2.from_hf(local_directory)` "
               "(after `hf download THIS_REPO --local-dir local_directory`) gives back the same model exactly.", ""]
@@ -105,8 +112,7 @@ def model_card(cfg: GPT2Config, source: str | Path | None = None, name: str | No
     run_config, state, evaluation = run_files(source)
     title = name or (Path(run_config["out"]).name if run_config.get("out") else "hooked-gpt2 model")
     architecture = architecture or _export_plan(cfg)[0]
-    remote_code = architecture not in NATIVE or cfg.vocab is not None
-    tags = "[gpt2, hooked-gpt2, custom_code]" if remote_code else "[gpt2, hooked-gpt2]"
+    tags = "[gpt2, hooked-gpt2, custom_code]" if any(remote_code(cfg, architecture)) else "[gpt2, hooked-gpt2]"
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: {tags}", "---",
              f"# {title}", "",
              f"A GPT-2 architecture language model of {cfg.n_params() / 1e6:.2f}M parameters "
