@@ -6,8 +6,10 @@ the same (q|k|v, head, d_head) order. Exports load with plain
 ``GPT2LMHeadModel.from_pretrained(dir)``; variants GPT-2 lacks are written as exact
 equivalents (a missing QKV bias as zeros, an attention-only model's MLPs as zero maps)
 and recorded under ``"hooked_gpt2"`` in config.json so that ``from_hf`` restores them.
-Llama-architecture models (``LlamaForCausalLM``) go through ``llama_interop`` instead:
-``from_hf`` and ``save_hf`` choose by the config's ``model_type`` / the model's architecture.
+Llama-architecture models (``LlamaForCausalLM``) go through ``llama_interop`` instead, and
+every other architecture through ``hf_custom`` (our own modeling code, loaded with
+``trust_remote_code=True``), as do compact vocabularies' tokenizers: ``from_hf`` and
+``save_hf`` choose by the config's ``model_type`` / the model's architecture.
 """
 
 import json
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import llama_interop
+from . import hf_custom, llama_interop
 from .checkpoint import (
     CheckpointError, atomic_save_safetensors, atomic_write, load_state_into, load_weights, read_json,
     refuse_to_overwrite,
@@ -80,6 +82,7 @@ def config_from_hf(hf: dict, source) -> GPT2Config:
             attn_only=extras.get("attn_only", False),
             attn_bias=extras.get("attn_bias", True),
             mlp_bias=extras.get("mlp_bias", True),
+            vocab=extras.get("vocab"),
         )
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
@@ -111,6 +114,7 @@ def hf_format(hf_config: dict, source):
     formats = {
         "gpt2": (config_from_hf, state_from_hf),
         "llama": (llama_interop.config_from_hf, llama_interop.state_from_hf),
+        hf_custom.MODEL_TYPE: (hf_custom.config_from_hf, hf_custom.state_from_hf),
     }
     model_type = hf_config.get("model_type", "gpt2")
     if model_type not in formats:
@@ -229,33 +233,53 @@ def gpt2_export_problems(cfg: GPT2Config) -> list[str]:
     return problems
 
 
-def save_hf(model, path, source=None, overwrite: bool = False) -> Path:
-    refuse_to_overwrite(Path(path), overwrite, "save_hf")
-    cfg = model.cfg
-    if cfg.vocab is not None:
-        raise ConfigError(f"this model reads a compact vocabulary of {cfg.d_vocab} tokens (data_prep.compact), whose "
-                          "ids are not GPT-2's: Hugging Face's tokenizer would feed it the wrong tokens. Save it with "
-                          "save_pretrained instead")
+def export_plan(cfg: GPT2Config) -> tuple[str, list[str]]:
+    """The Hugging Face class ``save_hf`` exports ``cfg`` as: ``GPT2LMHeadModel`` or
+    ``LlamaForCausalLM`` where one fits exactly, else our own code's
+    ``HookedGPT2ForCausalLM``; and why the native classes do not fit (empty if one does)."""
     gpt2_problems, llama_problems = gpt2_export_problems(cfg), llama_interop.export_problems(cfg)
     if not gpt2_problems:
-        state, hf_config = hf_state_dict(model), hf_config_dict(cfg)
-    elif not llama_problems:
-        state, hf_config = llama_interop.hf_state_dict(model), llama_interop.hf_config_dict(cfg)
-    else:
-        raise ConfigError(
-            "this architecture has no exact Hugging Face equivalent: as GPT-2 it has "
-            f"{', '.join(gpt2_problems)}; as Llama it has {', '.join(llama_problems)}. "
-            "Save it with save_pretrained instead"
-        )
+        return "GPT2LMHeadModel", []
+    if not llama_problems:
+        return "LlamaForCausalLM", []
+    return hf_custom.ARCHITECTURE, [f"as GPT-2 it has {', '.join(gpt2_problems)}",
+                                    f"as Llama it has {', '.join(llama_problems)}"]
+
+
+# Each export's (state dict, config.json) writers, by the class it loads as.
+EXPORTS = {
+    "GPT2LMHeadModel": (hf_state_dict, hf_config_dict),
+    "LlamaForCausalLM": (llama_interop.hf_state_dict, llama_interop.hf_config_dict),
+    hf_custom.ARCHITECTURE: (hf_custom.hf_state_dict, hf_custom.hf_config_dict),
+}
+
+
+def save_hf(model, path, source=None, architecture: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` as the Hugging Face class ``export_plan`` chooses, or as
+    ``architecture`` (``HookedGPT2ForCausalLM`` exports any model with our own code).
+    A directory that exists and is not empty is refused unless ``overwrite=True``."""
+    refuse_to_overwrite(Path(path), overwrite, "save_hf")
+    cfg = model.cfg
+    planned, _ = export_plan(cfg)
+    architecture = architecture or planned
+    if architecture not in (planned, hf_custom.ARCHITECTURE):
+        raise ConfigError(f"this model cannot be exported exactly as {architecture}; it exports as {planned}, or as "
+                          f"{hf_custom.ARCHITECTURE} with architecture={hf_custom.ARCHITECTURE!r}")
+    write_state, write_config = EXPORTS[architecture]
+    state, hf_config = write_state(model), hf_custom.with_compact_vocab(write_config(cfg), cfg)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(state, path / "model.safetensors", {"format": "pt"})
     atomic_write(path / "config.json", json.dumps(hf_config, indent=2) + "\n")
-    generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
+    generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
     atomic_write(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
-    if cfg.d_vocab == D_VOCAB:
+    hf_custom.write_model_code(path, hf_config)
+    if cfg.vocab is not None or cfg.d_vocab == D_VOCAB:
         write_hf_tokenizer(path, cfg.n_ctx)
-    atomic_write(path / "README.md", model_card(cfg, source or getattr(model, "source_dir", None)))
+    if cfg.vocab is not None:
+        hf_custom.write_compact_tokenizer(path, cfg)
+    atomic_write(path / "README.md", model_card(cfg, source or getattr(model, "source_dir", None),
+                                                  architecture=architecture))
     return path
 
 

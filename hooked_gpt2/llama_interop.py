@@ -55,7 +55,7 @@ def config_from_hf(hf: dict, source) -> GPT2Config:
         )
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source} uses activation {hf.get('hidden_act')!r}; Llama's SwiGLU needs silu")
-    extras = hf.get("hooked_gpt2", {})  # what Llama cannot say: dropout, separate bias flags
+    extras = hf.get("hooked_gpt2", {})  # what Llama cannot say: dropout, separate bias flags, a compact vocabulary
     bias = bool(hf.get("attention_bias", False))
     try:
         return GPT2Config(
@@ -77,6 +77,7 @@ def config_from_hf(hf: dict, source) -> GPT2Config:
             rotary_base=_rope_theta(hf, source),
             norm="rmsnorm",
             mlp="swiglu",
+            vocab=extras.get("vocab"),
         )
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None

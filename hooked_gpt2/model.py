@@ -707,8 +707,8 @@ class HookedGPT2(TextMixin, CachingMixin, HookedRootModule):
     @classmethod
     def from_hf(cls, dir_or_model, device=None, dtype=None, process_weights: bool = False, **processing) -> "HookedGPT2":
         """Load a Hugging Face ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` (multi-head
-        attention): a ``save_pretrained`` directory (e.g. OpenAI's GPT-2 weights already
-        on disk) or a model object. Unprocessed (exactly Hugging Face's numbers) unless
+        attention), or one of ``save_hf``'s custom-code exports: a ``save_pretrained``
+        directory (e.g. OpenAI's GPT-2 weights already on disk) or a model object. Unprocessed (exactly Hugging Face's numbers) unless
         ``process_weights=True``, which gives TransformerLens's ``from_pretrained``
         defaults (see ``from_pretrained``).
 
@@ -719,12 +719,15 @@ class HookedGPT2(TextMixin, CachingMixin, HookedRootModule):
 
     def save_hf(self, path, source=None, overwrite: bool = False) -> Path:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` (or, for
-        the Llama architecture, ``LlamaForCausalLM``) loads as an exactly equivalent model,
-        with GPT-2's tokenizer files for ``pipeline`` and a README.md model card from the run
-        beside checkpoint ``source`` (default: the directory this model was loaded from).
-        A directory that exists and is not empty is refused unless ``overwrite=True``."""
+        the Llama architecture, ``LlamaForCausalLM``; for any other, ``AutoModelForCausalLM``
+        with ``trust_remote_code=True``, from the modeling code written beside the weights)
+        loads as an exactly equivalent model, with tokenizer files for ``pipeline`` (GPT-2's,
+        or a compact vocabulary's own) and a README.md model card from the run beside
+        checkpoint ``source`` (default: the directory this model was loaded from). See
+        ``docs/hub.md`` for putting it on the Hub. A directory that exists and is not empty
+        is refused unless ``overwrite=True``."""
         self._check_unprocessed("save_hf")
-        return hf_interop.save_hf(self, path, source, overwrite)
+        return hf_interop.save_hf(self, path, source, overwrite=overwrite)
 
 
 class Output(NamedTuple):

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .config import GPT2Config
+from .tokenizer import D_VOCAB
 
 EVALUATION_FILE = "evaluation.json"  # written by analyses.evaluate beside a checkpoint
 
@@ -47,23 +48,79 @@ def _cell(value) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def model_card(cfg: GPT2Config, source: str | Path | None = None, name: str | None = None) -> str:
+NATIVE = ("GPT2LMHeadModel", "LlamaForCausalLM")  # classes transformers has: no remote code
+
+
+def _export_plan(cfg: GPT2Config) -> tuple[str, list[str]]:
+    from .hf_interop import export_plan  # which imports this module
+
+    return export_plan(cfg)
+
+
+def remote_code(cfg: GPT2Config, architecture: str) -> tuple[bool, bool]:
+    """Whether the model and the tokenizer of an export as ``architecture`` need ``trust_remote_code=True``."""
+    return architecture not in NATIVE, cfg.vocab is not None
+
+
+def usage(cfg: GPT2Config, architecture: str) -> list[str]:
+    """The card's "How to use" section for an export as class ``architecture``: whether
+    remote code is needed and why, what the vocabulary is, and the commands that load it."""
+    planned, reasons = _export_plan(cfg)
+    lines = ["## How to use", ""]
+    if architecture in NATIVE:
+        lines.append(f"The weights load as `transformers`' own `{architecture}`, an exactly equivalent model.")
+    else:
+        why = (f"No `transformers` class computes this architecture exactly: {'; '.join(reasons)}." if reasons else
+               f"It was exported with its own code on request (it would also load as `{planned}`).")
+        lines.append(f"{why} This directory carries its own modeling code (`modeling_hooked_gpt2.py`, "
+                     f"`configuration_hooked_gpt2.py`; class `{architecture}`, torch and transformers only), and "
+                     "loading it requires `trust_remote_code=True`: read the code before you trust it.")
+    if cfg.vocab is not None:
+        lines += ["", f"The vocabulary is compact: {len(cfg.vocab):,} token ids, each standing for the GPT-2 token "
+                  f"listed in `compact_vocab.json`, except id {cfg.vocab.index(-1)}, which stands for every other "
+                  "GPT-2 token and decodes to `<|other|>`. Its tokenizer (`tokenization_hooked_gpt2.py`) runs "
+                  "GPT-2's byte-pair encoding and maps it to these ids, so it too needs `trust_remote_code=True`."]
+    elif cfg.d_vocab == D_VOCAB:
+        lines += ["", "It uses GPT-2's tokenizer (50,257 tokens), whose files are included."]
+    else:
+        lines += ["", f"Its {cfg.d_vocab:,} token ids belong to no tokenizer: it reads and writes token ids only."]
+    model_code, tokenizer_code = remote_code(cfg, architecture)
+
+    def trust(needed: bool) -> str:
+        return ", trust_remote_code=True" if needed else ""
+
+    lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline", "",
+              f'model = AutoModelForCausalLM.from_pretrained("THIS_REPO"{trust(model_code)})']
+    if cfg.vocab is not None or cfg.d_vocab == D_VOCAB:
+        lines += [f'tokenizer = AutoTokenizer.from_pretrained("THIS_REPO"{trust(tokenizer_code)})',
+                  f'generator = pipeline("text-generation", model="THIS_REPO"{trust(model_code or tokenizer_code)})',
+                  'print(generator("def main(", max_new_tokens=20, do_sample=False)[0]["generated_text"])']
+    lines += ["```", "", "With hooked-gpt2, for its hooks and analyses: `HookedGPT2.from_hf(local_directory)` "
+              "(after `hf download THIS_REPO --local-dir local_directory`) gives back the same model exactly.", ""]
+    return lines
+
+
+def model_card(cfg: GPT2Config, source: str | Path | None = None, name: str | None = None,
+               architecture: str | None = None) -> str:
     """Markdown with Hugging Face front matter describing the model ``cfg`` exported from
-    checkpoint directory ``source``.
+    checkpoint directory ``source`` as Hugging Face class ``architecture`` (by default the
+    one ``save_hf`` chooses).
 
     >>> print(model_card(GPT2Config.preset("tiny")).splitlines()[5])
     # hooked-gpt2 model
     """
     run_config, state, evaluation = run_files(source)
     title = name or (Path(run_config["out"]).name if run_config.get("out") else "hooked-gpt2 model")
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [gpt2, hooked-gpt2]", "---",
+    architecture = architecture or _export_plan(cfg)[0]
+    tags = "[gpt2, hooked-gpt2, custom_code]" if any(remote_code(cfg, architecture)) else "[gpt2, hooked-gpt2]"
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: {tags}", "---",
              f"# {title}", "",
              f"A GPT-2 architecture language model of {cfg.n_params() / 1e6:.2f}M parameters "
-             f"({cfg.n_params(embeddings=False) / 1e6:.2f}M outside the embeddings), trained with hooked-gpt2. "
-             "It loads with `transformers.GPT2LMHeadModel.from_pretrained(this_directory)` and with "
-             "`hooked_gpt2.HookedGPT2.from_hf(this_directory)`, and uses GPT-2's tokenizer.", ""]
+             f"({cfg.n_params(embeddings=False) / 1e6:.2f}M outside the embeddings), trained with hooked-gpt2.", ""]
+    lines += usage(cfg, architecture)
     lines += ["## Architecture", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {_cell(v)} |" for k, v in cfg.to_dict().items()]
+    lines += [f"| {k} | {_cell(v) if k != 'vocab' or v is None else f'compact, {len(v):,} ids (compact_vocab.json)'} |"
+              for k, v in cfg.to_dict().items()]
     changed = [f"{k}={_cell(getattr(cfg, k))}" for k, gpt2 in ARCHITECTURE_CHOICES if getattr(cfg, k) != gpt2]
     lines += ["", "Differs from OpenAI's GPT-2 in: " + (", ".join(changed) if changed else "nothing of "
               + ", ".join(k for k, _ in ARCHITECTURE_CHOICES)) + ".", ""]

@@ -75,8 +75,10 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
+@functools.cache  # 0.7 s to derive; every save_hf with a tokenizer writes them
 def hf_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The ranks as Hugging Face's ``vocab.json`` and ``merges.txt`` contents.
+    """The ranks as Hugging Face's ``vocab.json`` and ``merges.txt`` contents (shared:
+    not to be modified).
 
     Each merge is recovered by running BPE on a token's bytes with only the ranks below
     its own: what is left is the pair that merges into it.

@@ -2,12 +2,13 @@
 same logits and greedy generations, and exports back to one."""
 
 import json
+import re
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from hooked_gpt2 import CheckpointError, ConfigError, HookedGPT2
+from hooked_gpt2 import CheckpointError, HookedGPT2
 from hooked_gpt2.config import GPT2Config
 from tests.reference_variants import make_variant
 
@@ -94,10 +95,12 @@ def test_gpt2_without_biases_still_exports_as_gpt2(tmp_path):
     ("rmsnorm", "positional='learned' \\(Llama: 'rotary'\\)"),
     ("rotary_partial", "rotary_dim=4"),
 ])
-def test_save_hf_refuses_architectures_without_a_hugging_face_equivalent(tmp_path, name, problem):
-    with pytest.raises(ConfigError, match=f"no exact Hugging Face equivalent.*{problem}.*save_pretrained"):
-        make_variant(name).save_hf(tmp_path)
-    assert not (tmp_path / "model.safetensors").exists()
+def test_save_hf_writes_our_own_code_where_no_hugging_face_class_fits(tmp_path, name, problem):
+    make_variant(name).save_hf(tmp_path)  # tests/test_hf_custom.py runs such exports through transformers
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["HookedGPT2ForCausalLM"]
+    assert (tmp_path / "modeling_hooked_gpt2.py").is_file()
+    assert re.search(f"No `transformers` class computes this architecture exactly.*{problem}",
+                     (tmp_path / "README.md").read_text())
 
 
 def test_from_hf_refuses_what_it_cannot_represent(tmp_path):

@@ -4,7 +4,8 @@ evaluation results found beside the checkpoint."""
 import json
 
 from analyses.evaluate import main as evaluate_main
-from hooked_gpt2 import HookedGPT2
+from hooked_gpt2 import GPT2Config, HookedGPT2
+from hooked_gpt2.hf_interop import save_hf
 from hooked_gpt2.model_card import model_card
 from training import rundir
 from training.config import TrainConfig
@@ -40,3 +41,27 @@ def test_card_of_a_model_without_a_run_says_what_its_config_says(tiny_model, tmp
     assert "# hooked-gpt2 model" in card and "## Training" not in card
     assert "| n_layers | 2 |" in card and "No evaluation results" in card
     assert card == model_card(tiny_model.cfg)
+
+
+def test_card_says_how_each_kind_of_export_loads(tiny_model, tmp_path):
+    native = (tiny_model.save_hf(tmp_path / "gpt2") / "README.md").read_text()
+    assert "tags: [gpt2, hooked-gpt2]\n" in native and "trust_remote_code" not in native
+    assert "load as `transformers`' own `GPT2LMHeadModel`" in native and "GPT-2's tokenizer (50,257 tokens)" in native
+    assert 'AutoModelForCausalLM.from_pretrained("THIS_REPO")' in native and "HookedGPT2.from_hf" in native
+
+    vocab = list(range(60)) + [50256, -1]  # a compact vocabulary: GPT-2 ids, <|endoftext|>, the catch-all
+    demo = HookedGPT2(GPT2Config.preset("demo", d_vocab=len(vocab), vocab=vocab))
+    card = (demo.save_hf(tmp_path / "demo") / "README.md").read_text()
+    assert "tags: [gpt2, hooked-gpt2, custom_code]" in card
+    assert "No `transformers` class computes this architecture exactly: as GPT-2 it has positional='rotary'" in card
+    assert "as Llama it has norm='layernorm'" in card and "class `HookedGPT2ForCausalLM`" in card
+    assert "The vocabulary is compact: 62 token ids" in card and "except id 61" in card
+    for command in ['AutoModelForCausalLM.from_pretrained("THIS_REPO", trust_remote_code=True)',
+                    'AutoTokenizer.from_pretrained("THIS_REPO", trust_remote_code=True)',
+                    'pipeline("text-generation", model="THIS_REPO", trust_remote_code=True)']:
+        assert command in card, command
+    assert "| vocab | compact, 62 ids (compact_vocab.json) |" in card
+
+    forced = (save_hf(tiny_model, tmp_path / "forced", architecture="HookedGPT2ForCausalLM") / "README.md").read_text()
+    assert "It was exported with its own code on request (it would also load as `GPT2LMHeadModel`)" in forced
+    assert "| vocab | null |" in forced and "GPT-2's tokenizer (50,257 tokens)" in forced
