@@ -23,6 +23,20 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged or does not match its config."""
 
 
+def check_stand_in(name: str, tensor: torch.Tensor, value: float, what: str) -> None:
+    """A part of a Hugging Face checkpoint that our config says the model lacks (a bias it
+    has not, an attention-only model's MLP) is dropped on loading; that is exact only while
+    it still holds the stand-in ``save_hf`` wrote (``value`` everywhere). Anything else (the
+    export fine-tuned with transformers, say) would load as a different model: refuse."""
+    if not torch.all(tensor == value):
+        raise CheckpointError(
+            f"{name} is no longer the stand-in save_hf wrote ({value:g} everywhere; largest difference "
+            f"{(tensor.float() - value).abs().max().item():.3g}), but the model has {what}: the checkpoint was "
+            "changed after export (fine-tuned with transformers, say) and would load as a different model. To "
+            "fine-tune an export, write it with save_hf(..., architecture='HookedGPT2ForCausalLM'), whose "
+            "parameters are exactly the model's")
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """``safetensors.torch.save_file``, atomically."""
     with atomic_path(path) as tmp:

@@ -19,7 +19,7 @@ import torch
 
 from . import hf_custom, llama_interop
 from .checkpoint import (
-    CheckpointError, atomic_save_safetensors, atomic_write, load_state_into, load_weights, read_json,
+    CheckpointError, atomic_save_safetensors, atomic_write, check_stand_in, load_state_into, load_weights, read_json,
     refuse_to_overwrite,
 )
 from .config import ConfigError, GPT2Config
@@ -96,11 +96,16 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[st
             state[ours] = hf_state[theirs]
     for i in range(cfg.n_layers):
         for ours, theirs, transpose in BLOCK_MAP:
+            name = f"h.{i}.{theirs}"
+            if cfg.attn_only and (ours.startswith("ln2.") or ours.startswith("mlp.")):
+                if name in hf_state:  # the MLP that adds nothing (its LayerNorm gain 1, all else 0)
+                    check_stand_in(name, hf_state[name], 1.0 if ours == "ln2.weight" else 0.0, "no MLPs (attn_only)")
+                continue
             if ours in BIAS_FLAGS and not getattr(cfg, BIAS_FLAGS[ours]):
+                if name in hf_state:
+                    check_stand_in(name, hf_state[name], 0.0, f"no such bias ({BIAS_FLAGS[ours]}=False)")
                 continue
-            ours, theirs = f"blocks.{i}.{ours}", f"h.{i}.{theirs}"
-            if cfg.attn_only and (".ln2." in ours or ".mlp." in ours):
-                continue
+            ours, theirs = f"blocks.{i}.{ours}", name
             if theirs in hf_state:
                 tensor = hf_state[theirs]
                 state[ours] = tensor.T.contiguous() if transpose else tensor

@@ -11,7 +11,7 @@ on the config's ``model_type``; the tokenizer files written are GPT-2's, as for 
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_stand_in
 from .config import ConfigError, GPT2Config
 from .tokenizer import D_VOCAB, EOT_TOKEN
 
@@ -96,7 +96,14 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[st
             parts = [prefix + f"self_attn.{proj}.{kind}" for proj in QKV]
             if all(part in hf_state for part in parts) and (kind == "weight" or cfg.qkv_bias):
                 state[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([hf_state[part] for part in parts])
+            elif kind == "bias":  # Llama's one attention_bias flag: written as zeros when only attn_bias was on
+                for part in parts:
+                    if part in hf_state:
+                        check_stand_in(part, hf_state[part], 0.0, "no QKV bias (qkv_bias=False)")
         if not cfg.attn_bias:  # written as zeros when only the QKV bias was on
+            name = prefix + "self_attn.o_proj.bias"
+            if name in hf_state:
+                check_stand_in(name, hf_state[name], 0.0, "no output-projection bias (attn_bias=False)")
             state.pop(f"blocks.{i}.attn.out.bias", None)
     return state
 

@@ -147,3 +147,30 @@ def test_loading_leaves_the_hugging_face_model_bitwise_unchanged(source, process
         assert torch.equal(hf(tokens).logits, hf_logits)
         assert torch.equal(earlier(tokens), earlier_logits)
     assert files == {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("overrides, stand_in", [
+    (dict(qkv_bias=False), "transformer.h.1.attn.c_attn.bias"),
+    (dict(attn_only=True), "transformer.h.0.mlp.c_proj.weight"),
+    (dict(attn_only=True), "transformer.h.0.ln_2.weight"),
+    (dict(positional="rotary", norm="rmsnorm", mlp="swiglu", qkv_bias=False, attn_bias=True, mlp_bias=False),
+     "model.layers.0.self_attn.k_proj.bias"),
+    (dict(positional="rotary", norm="rmsnorm", mlp="swiglu", qkv_bias=True, attn_bias=False, mlp_bias=False),
+     "model.layers.1.self_attn.o_proj.bias"),
+])
+def test_a_native_export_changed_where_the_model_has_no_such_part_is_refused(overrides, stand_in, tmp_path):
+    """Native exports write parts GPT-2 and Llama always have (absent biases, an
+    attention-only model's MLP) as exact stand-ins, dropped on loading. Fine-tuned with
+    transformers they stop being stand-ins: loading must refuse rather than drop them."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = HookedGPT2(GPT2Config.preset("tiny", d_model=32, n_heads=4, n_layers=2, n_ctx=16, **overrides)).eval()
+    path = model.save_hf(tmp_path / "export")
+    assert torch.equal(HookedGPT2.from_hf(path).eval()(torch.arange(8)[None]), model(torch.arange(8)[None]))
+    state = load_file(path / "model.safetensors")
+    assert stand_in in state, sorted(state)
+    state[stand_in] = state[stand_in] + 1e-3  # what a fine-tuning step does to it
+    save_file(state, path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{stand_in.removeprefix('transformer.')} is no longer the stand-in"):
+        HookedGPT2.from_hf(path)
