@@ -21,7 +21,9 @@ For each ``RUN/checkpoints/step_*`` in step order:
 With head scores, ``results["formation"]`` says when each head's previous-token and
 induction scores first reach 0.5, which layer-0 head the best induction head composes
 with, and holds that head's attention on a repeated sequence before, during and after
-it formed; the report marks the crossings on every plot.
+it formed, with the validation loss at those checkpoints and how far the last one is above
+its lowest after the crossing (``loss``: Olsson et al. see the loss fall at the phase
+change); the report marks the crossings on every plot.
 
 Each checkpoint's results are cached in ``RUN/analysis/over_training/step_XXXXXXX.json``,
 each metric under a hash of its options: a re-run computes only what it has not seen
@@ -378,12 +380,13 @@ def write_report(results: dict, out: Path) -> Path:
 def crossing_marks(results: dict) -> list[tuple[int, str, str]]:
     """(step, label, colour) of the first previous-token and induction crossings."""
     formation, marks = results.get("formation"), []
-    if formation:
-        prev = [s for s in formation["previous_token_crossings"].values() if s is not None]
-        if prev:
-            marks.append((min(prev), f"previous-token score >= {CROSSING} at step {min(prev)}", "green"))
-    if results["crossing"] is not None:
-        step = results["crossing"]["step"]
+    prev = [s for s in (formation or {}).get("previous_token_crossings", {}).values() if s is not None]
+    step = results["crossing"]["step"] if results["crossing"] is not None else None
+    if prev and min(prev) == step:  # one line, one label: two would be drawn over each other
+        return [(step, f"previous-token and induction scores >= {CROSSING} at step {step}", "red")]
+    if prev:
+        marks.append((min(prev), f"previous-token score >= {CROSSING} at step {min(prev)}", "green"))
+    if step is not None:
         marks.append((step, f"induction score >= {CROSSING} at step {step}", "red"))
     return marks
 
@@ -432,8 +435,8 @@ def story(results: dict) -> str:
                      f"{loss['during']['val_loss']:.2f} at the crossing, {loss['after']['val_loss']:.2f} at step "
                      f"{loss['after']['step']}; " + (
                          "it does not rise after the crossing." if loss["rise"] <= 0 else
-                         f"the last checkpoint is {loss['rise']:.2f} above its lowest after the crossing "
-                         f"({loss['lowest_after']:.2f})."))
+                         f"the last checkpoint is {loss['rise']:.3f} above its lowest after the crossing "
+                         f"({loss['lowest_after']:.3f})."))
     return " ".join(parts)
 
 

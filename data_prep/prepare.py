@@ -30,7 +30,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.compact import compact
 from data_prep.encode import encode_documents
 from data_prep.shards import (
     HEADER_INT32, MAGIC, MANIFEST, MAX_SHARD_TOKENS, VERSION, ShardWriter,
@@ -154,6 +153,8 @@ def ensure_default_data(out: str | Path = "data/python-stdlib", *, vocab_size: i
     data = prepare("python-stdlib", out, **kwargs)
     if vocab_size is None:
         return data
+    from data_prep.compact import compact  # here: it reads shards through torch, which preparing never needs
+
     return compact(data, compact_out, vocab_size, log=kwargs.get("log", print))
 
 

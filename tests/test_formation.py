@@ -130,3 +130,16 @@ def test_repeated_spans_replace_the_stated_fraction_with_repeats(train_split):
     assert torch.equal(again.next_batch(), after)
     none = RepeatedSpans(BatchLoader(train_split, 4, 32), 0.0, vocab, span=8, seed=3)
     assert torch.equal(none.next_batch(), BatchLoader(train_split, 4, 32).next_batch())
+
+
+def test_loss_around_the_crossing_reads_the_checkpoints_and_measures_the_rise():
+    from analyses.formation import loss_around
+
+    rows = [{"step": s, "val_loss": v} for s, v in [(0, 7.0), (100, 4.0), (200, 3.9), (300, 3.5), (400, 3.7)]]
+    got = loss_around(rows, {"before": 100, "during": 200, "after": 400})
+    assert got["before"] == {"step": 100, "val_loss": 4.0} and got["after"]["val_loss"] == 3.7
+    assert got["lowest_after"] == 3.5 and got["rise"] == pytest.approx(0.2)  # 3.7 at the end, 3.5 at its lowest
+    falling = [{**r, "val_loss": 5.0 - r["step"] / 100} for r in rows]
+    assert loss_around(falling, {"before": 0, "during": 100, "after": 400})["rise"] == 0
+    assert loss_around(rows, {"first": 0, "middle": 200, "last": 400}) is None  # no crossing
+    assert loss_around([{**r, "val_loss": None} for r in rows], {"before": 0, "during": 100, "after": 400}) is None

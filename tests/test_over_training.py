@@ -210,3 +210,13 @@ def test_the_crossing_ignores_layer_0_in_a_deeper_model():
     assert (crossing["step"], crossing["head"]) == (10, [1, 0]) and crossing["score"] == pytest.approx(0.6)
     one_layer = [{"step": 0, "tokens_seen": 0, "heads": {"induction": [[0.2, 0.7]]}}]
     assert ot.induction_crossing(one_layer)["head"] == [0, 1]
+
+
+def test_crossings_at_one_checkpoint_are_marked_once():
+    """A previous-token and an induction head that cross together get one line and one
+    label (two would be drawn over each other); apart, each gets its own."""
+    together = {"formation": {"previous_token_crossings": {"L0H1": 1400, "L0H2": None}}, "crossing": {"step": 1400}}
+    assert ot.crossing_marks(together) == [(1400, "previous-token and induction scores >= 0.5 at step 1400", "red")]
+    apart = {"formation": {"previous_token_crossings": {"L0H1": 1200}}, "crossing": {"step": 1400}}
+    assert [m[0] for m in ot.crossing_marks(apart)] == [1200, 1400]
+    assert ot.crossing_marks({"formation": None, "crossing": None}) == []
