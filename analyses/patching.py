@@ -143,26 +143,35 @@ def run_patched(
     """
     corrupted = model.check_tokens(corrupted)
     batch = corrupted.shape[0]
-    starts = [_group_start(model, group) if reuse else None for group in patch_groups]
-    if reuse and corrupted_cache is None and any(s is not None for s in starts):
+    plan = run_plan(model, patch_groups, max_copies, reuse)
+    if corrupted_cache is None and any(start is not None for start, _ in plan):
         corrupted_cache = corrupted_residuals(model, corrupted)
-    last = reads_last(metric) if reuse else None
-    # Runs that start at the same block share one batched forward; results keep the groups' order.
-    by_start: dict[int | None, list[int]] = defaultdict(list)
-    for i, start in enumerate(starts):
-        by_start[start].append(i)
     values: list[float] = [0.0] * len(patch_groups)
-    for start, indices in by_start.items():
-        for first in range(0, len(indices), max_copies):
-            chunk = indices[first : first + max_copies]
-            groups = [patch_groups[i] for i in chunk]
-            # Patches after the last block act on every position's final stream: no slicing then.
-            after_blocks = any(start_layer(model, p.hook_name) == model.cfg.n_layers for g in groups for p in g)
-            logits = _run_chunk(model, corrupted, clean_cache, corrupted_cache, groups, start,
-                                None if after_blocks else last)
-            for i, copy_logits in zip(chunk, logits.split(batch)):
-                values[i] = float(metric(copy_logits))
+    for start, chunk in plan:
+        groups = [patch_groups[i] for i in chunk]
+        logits = _run_chunk(model, corrupted, clean_cache, corrupted_cache, groups, start,
+                            chunk_reads_last(model, metric, groups) if reuse else None)
+        for i, copy_logits in zip(chunk, logits.split(batch)):
+            values[i] = float(metric(copy_logits))
     return torch.tensor(values, dtype=torch.float64)
+
+
+def run_plan(model, patch_groups: list[list[Patch]], max_copies: int = 32,
+             reuse: bool = True) -> list[tuple[int | None, list[int]]]:
+    """The batched forwards ``run_patched`` makes: (first block, indices of the groups it
+    carries). Groups that start at the same block share forwards; None starts at the tokens."""
+    by_start: dict[int | None, list[int]] = defaultdict(list)
+    for i, group in enumerate(patch_groups):
+        by_start[_group_start(model, group) if reuse else None].append(i)
+    return [(start, indices[first : first + max_copies])
+            for start, indices in by_start.items() for first in range(0, len(indices), max_copies)]
+
+
+def chunk_reads_last(model, metric: Metric, groups: list[list[Patch]]) -> int | None:
+    """The last positions to unembed for ``groups``: the metric's, unless a patch acts
+    after the last block (on every position's final stream)."""
+    after_blocks = any(start_layer(model, p.hook_name) == model.cfg.n_layers for g in groups for p in g)
+    return None if after_blocks else reads_last(metric)
 
 
 def _group_start(model, group: list[Patch]) -> int | None:
