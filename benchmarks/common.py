@@ -49,6 +49,11 @@ class RoundsRatio:
     def too_wide(self) -> bool:
         return self.rounds < 3 or self.spread > WIDE_SPREAD
 
+    def short(self) -> str:
+        """For a table cell: ``1.23x [1.10-1.31] n=5``, flagged ``too spread`` when it is."""
+        return f"{self.median:.2f}x [{self.low:.2f}-{self.high:.2f}] n={self.rounds}" + (
+            " too spread" if self.too_wide else "")
+
     def __str__(self) -> str:
         text = f"{self.median:.2f}x (median of {self.rounds} rounds, range {self.low:.2f}-{self.high:.2f})"
         if self.too_wide:

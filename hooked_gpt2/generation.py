@@ -107,7 +107,7 @@ def decoding_products(model):
 
 def _plain_weight(linear: nn.Linear) -> bool:
     """A dense weight; a quantised one (a tensor subclass, e.g. torchao's) keeps its own kernel."""
-    return type(linear.weight.detach()) is torch.Tensor
+    return type(linear.weight.data) is torch.Tensor
 
 
 class _SplitRows:
