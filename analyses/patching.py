@@ -139,7 +139,10 @@ def run_patched(
     positions ``metric`` reads (``common.reads_last``) are unembedded. ``reuse=False``
     recomputes every patched run from the tokens: the same numbers, for checking.
 
+    >>> _, clean_cache = model.run_with_cache(clean)
     >>> values = run_patched(model, corrupted, clean_cache, metric, [[Patch("blocks.1.hook_resid_pre", (3,))]])
+    >>> values.shape
+    torch.Size([1])
     """
     corrupted = model.check_tokens(corrupted)
     batch = corrupted.shape[0]

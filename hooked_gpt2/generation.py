@@ -197,7 +197,9 @@ def speculative_greedy(
     own next token. The tokens are ``model``'s greedy ones (up to ties between logits
     that batching rounds differently); also returns the fraction of drafted tokens kept.
 
-    >>> out, acceptance = speculative_greedy(model, small_model, model.to_tokens("Hello"), 20)
+    >>> out, acceptance = speculative_greedy(model, model, model.to_tokens("Hello"), 5)  # drafting for itself
+    >>> acceptance
+    1.0
     """
     tokens = model.check_tokens(tokens)
     check_sampling_args(max_new_tokens, 0.0, None, None)
