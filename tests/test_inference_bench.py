@@ -3,6 +3,7 @@ optimisations it measures keep the model's answers: the KV cache and speculative
 give the greedy tokens of recomputing, the casts change the loss by what their precision
 allows. Timings are printed by the study, never asserted here."""
 
+import importlib.util
 import math
 
 import pytest
@@ -25,8 +26,8 @@ def test_quick_study_fills_every_exactness_column(rows):
     by_name, out = rows
     assert {"no_cache", "kv_cache", "batch_8", "bf16_weights", "explicit_attention", "speculative"} <= set(by_name)
     for name, row in by_name.items():
-        if name == "int8_weights" and row.status.startswith("failed"):
-            pytest.skip(f"torchao is not usable here: {row.status}")
+        if "int8" in name and importlib.util.find_spec("torchao") is None:
+            continue  # the int8 rows need torchao (pip install torchao); without it they say why they failed
         assert row.status == "ok", (name, row.status)
         assert 0 <= row.tokens_identical <= 1 and math.isfinite(row.loss_change), name
         assert row.decode_tok_s > 0 and row.limit_ms_per_step > 0 and row.weight_mib > 0, name
