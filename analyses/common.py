@@ -148,7 +148,15 @@ def logit_diff(answer: int, wrong: int | None = None, pos: int = -1) -> Metric:
             value = value - logits[:, pos, wrong]
         return value.mean()
 
+    # It reads only the last -pos positions: patching sweeps unembed only those (reads_last).
+    metric.reads_last = -pos if pos < 0 else None
     return metric
+
+
+def reads_last(metric: Metric) -> int | None:
+    """How many final positions ``metric`` reads, where it says (``metric.reads_last``):
+    logits at earlier positions need not be computed for it. None: it may read any."""
+    return getattr(metric, "reads_last", None)
 
 
 def check_data_vocab(model, data_dir: str | Path, name: str = "the model") -> None:

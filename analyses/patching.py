@@ -6,7 +6,9 @@ normalised so that 1 means "as clean" and 0 means "as corrupted":
 ``(patched - corrupted) / (clean - corrupted)``.
 
 The sweeps batch their patched runs: each copy of the corrupted batch in one forward pass
-carries a different patch, and the clean activations come from one cached clean run.
+carries a different patch, and the clean activations come from one cached clean run. A
+patched run starts at its patched block from the corrupted run's cached residual stream
+(the blocks below cannot change), and unembeds only the positions the metric reads.
 
 Attribution patching approximates every patch at once from one forward and backward pass
 on the corrupted prompt: ``(clean - corrupted) . d metric / d activation``, summed over the
@@ -24,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import cli
-from .common import AnalysisError, Metric, logit_diff, prompt_tokens, single_token
+from .common import AnalysisError, Metric, logit_diff, prompt_tokens, reads_last, single_token
 from .html import Page, heatmap, to_jsonable
 
 # kind -> (activation short name, what one patch covers)
@@ -91,35 +93,117 @@ def model_hook_name(short: str, layer: int) -> str:
     return get_act_name(short, layer)
 
 
+def start_layer(model, hook_name: str) -> int | None:
+    """The first block a patch at ``hook_name`` can change (``n_layers``: only the final
+    layer norm and unembedding); None for the embeddings, which only a full run reaches."""
+    parts = hook_name.split(".")
+    if parts[0] == "blocks":
+        return int(parts[1])
+    return model.cfg.n_layers if parts[0] in ("ln_final", "unembed") else None
+
+
+def residual_names(model) -> list[str]:
+    """The hooks whose values a patched run starts from: the stream entering each block,
+    and leaving the last one (what the final layer norm reads)."""
+    return [model_hook_name("resid_pre", l) for l in range(model.cfg.n_layers)] + [
+        model_hook_name("resid_post", model.cfg.n_layers - 1)]
+
+
+def corrupted_residuals(model, corrupted: Int[Tensor, "batch pos"]) -> dict[str, Tensor]:
+    """The corrupted run's residual stream at every block boundary (``residual_names``)."""
+    return model.run_with_cache(corrupted, names_filter=residual_names(model), return_cache_object=False)[1]
+
+
+def forward_from(model, resid: Float[Tensor, "batch pos d_model"], layer: int,
+                 last: int | None = None) -> Float[Tensor, "batch pos d_vocab"]:
+    """The logits from the residual stream entering block ``layer`` (the model's forward
+    after its first ``layer`` blocks); with ``last``, only those of the last ``last``
+    positions (layer norm and unembedding act per position, so they are the same numbers)."""
+    for block in model.blocks[layer:]:
+        resid = block(resid)
+    if last is not None:
+        resid = resid[:, -last:]
+    return model.unembed(model.ln_final(resid))
+
+
 def run_patched(
     model, corrupted: Int[Tensor, "batch pos"], clean_cache, metric: Metric, patch_groups: list[list[Patch]],
-    max_copies: int = 32,
+    max_copies: int = 32, corrupted_cache: dict[str, Tensor] | None = None, reuse: bool = True,
 ) -> Float[Tensor, "run"]:
     """The metric for each group of patches (applied together), batching up to
-    ``max_copies`` patched copies of the corrupted batch into one forward pass."""
+    ``max_copies`` patched copies of the corrupted batch into one forward pass.
+
+    A patch at block L cannot change blocks below L, so with ``reuse`` (the default) each
+    patched run starts at its first patched block from the corrupted run's residual
+    stream there (``corrupted_cache``, computed once if not given), and only the last
+    positions ``metric`` reads (``common.reads_last``) are unembedded. ``reuse=False``
+    recomputes every patched run from the tokens: the same numbers, for checking.
+
+    >>> _, clean_cache = model.run_with_cache(clean)
+    >>> values = run_patched(model, corrupted, clean_cache, metric, [[Patch("blocks.1.hook_resid_pre", (3,))]])
+    >>> values.shape
+    torch.Size([1])
+    """
     corrupted = model.check_tokens(corrupted)
     batch = corrupted.shape[0]
-    values = []
-    for start in range(0, len(patch_groups), max_copies):
-        chunk = patch_groups[start : start + max_copies]
-        by_name: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
-        for copy, group in enumerate(chunk):
-            for patch in group:
-                by_name[patch.hook_name].append((copy, patch.index))
+    plan = run_plan(model, patch_groups, max_copies, reuse)
+    if corrupted_cache is None and any(start is not None for start, _ in plan):
+        corrupted_cache = corrupted_residuals(model, corrupted)
+    values: list[float] = [0.0] * len(patch_groups)
+    for start, chunk in plan:
+        groups = [patch_groups[i] for i in chunk]
+        logits = _run_chunk(model, corrupted, clean_cache, corrupted_cache, groups, start,
+                            chunk_reads_last(model, metric, groups) if reuse else None)
+        for i, copy_logits in zip(chunk, logits.split(batch)):
+            values[i] = float(metric(copy_logits))
+    return torch.tensor(values, dtype=torch.float64)
 
-        def patch_hook(activation, hook):
-            activation = activation.clone()
-            clean = clean_cache[hook.name]
-            for copy, index in by_name[hook.name]:
-                rows = slice(copy * batch, (copy + 1) * batch)
-                activation[rows][(slice(None), *index)] = clean[(slice(None), *index)]
-            return activation
 
-        tokens = corrupted.repeat(len(chunk), 1)
-        with torch.no_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(name, patch_hook) for name in by_name])
-        values += [metric(copy_logits) for copy_logits in logits.split(batch)]
-    return torch.tensor([float(v) for v in values], dtype=torch.float64)
+def run_plan(model, patch_groups: list[list[Patch]], max_copies: int = 32,
+             reuse: bool = True) -> list[tuple[int | None, list[int]]]:
+    """The batched forwards ``run_patched`` makes: (first block, indices of the groups it
+    carries). Groups that start at the same block share forwards; None starts at the tokens."""
+    by_start: dict[int | None, list[int]] = defaultdict(list)
+    for i, group in enumerate(patch_groups):
+        by_start[_group_start(model, group) if reuse else None].append(i)
+    return [(start, indices[first : first + max_copies])
+            for start, indices in by_start.items() for first in range(0, len(indices), max_copies)]
+
+
+def chunk_reads_last(model, metric: Metric, groups: list[list[Patch]]) -> int | None:
+    """The last positions to unembed for ``groups``: the metric's, unless a patch acts
+    after the last block (on every position's final stream)."""
+    after_blocks = any(start_layer(model, p.hook_name) == model.cfg.n_layers for g in groups for p in g)
+    return None if after_blocks else reads_last(metric)
+
+
+def _group_start(model, group: list[Patch]) -> int | None:
+    starts = [start_layer(model, patch.hook_name) for patch in group]
+    return None if not starts or None in starts else min(starts)
+
+
+def _run_chunk(model, corrupted, clean_cache, corrupted_cache, chunk: list[list[Patch]], start: int | None,
+               last: int | None) -> Tensor:
+    """One batched forward: copy i of the corrupted batch carries ``chunk[i]``'s patches."""
+    batch = corrupted.shape[0]
+    by_name: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
+    for copy, group in enumerate(chunk):
+        for patch in group:
+            by_name[patch.hook_name].append((copy, patch.index))
+
+    def patch_hook(activation, hook):
+        activation = activation.clone()
+        clean = clean_cache[hook.name]
+        for copy, index in by_name[hook.name]:
+            rows = slice(copy * batch, (copy + 1) * batch)
+            activation[rows][(slice(None), *index)] = clean[(slice(None), *index)]
+        return activation
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, patch_hook) for name in by_name]):
+        if start is None:
+            return model(corrupted.repeat(len(chunk), 1))
+        name = residual_names(model)[start]
+        return forward_from(model, corrupted_cache[name].repeat(len(chunk), 1, 1), start, last)
 
 
 @dataclass
@@ -127,6 +211,7 @@ class Baseline:
     clean_cache: object
     clean: float  # metric on the clean run
     corrupted: float  # metric on the corrupted run
+    corrupted_cache: dict | None = None  # the corrupted run's residual stream (residual_names)
 
     def normalise(self, values: Tensor) -> Tensor:
         return (values - self.corrupted) / (self.clean - self.corrupted)
@@ -141,15 +226,15 @@ def baseline(model, clean: Tensor, corrupted: Tensor, metric: Metric, clean_cach
     else:
         with torch.no_grad():
             clean_logits = model(clean)
-    with torch.no_grad():
-        corrupted_logits = model(corrupted)
+    corrupted_logits, corrupted_cache = model.run_with_cache(
+        corrupted, names_filter=residual_names(model), return_cache_object=False)
     value_clean, value_corrupted = float(metric(clean_logits)), float(metric(corrupted_logits))
     if abs(value_clean - value_corrupted) < 1e-6 * max(1.0, abs(value_clean)):
         raise AnalysisError(
             f"the metric is the same on the clean and corrupted prompts ({value_clean:.4g}), so patching "
             "cannot be normalised; choose a corruption that changes the answer"
         )
-    return Baseline(clean_cache, value_clean, value_corrupted)
+    return Baseline(clean_cache, value_clean, value_corrupted, corrupted_cache)
 
 
 def patch_effect(model, clean, corrupted, metric: Metric, patches: list[Patch], base: Baseline | None = None) -> float:
@@ -159,7 +244,7 @@ def patch_effect(model, clean, corrupted, metric: Metric, patches: list[Patch], 
     1.0
     """
     base = base or baseline(model, clean, corrupted, metric)
-    value = run_patched(model, corrupted, base.clean_cache, metric, [patches])
+    value = run_patched(model, corrupted, base.clean_cache, metric, [patches], corrupted_cache=base.corrupted_cache)
     return float(base.normalise(value)[0])
 
 
@@ -184,7 +269,8 @@ def activation_patching(
     results = {}
     for kind in _check_kinds(model, kinds):
         patches, shape = patches_for(model, kind, n_pos)
-        values = run_patched(model, corrupted, base.clean_cache, metric, [[p] for p in patches], max_copies)
+        values = run_patched(model, corrupted, base.clean_cache, metric, [[p] for p in patches], max_copies,
+                             base.corrupted_cache)
         results[kind] = base.normalise(values).reshape(shape)
     return results
 

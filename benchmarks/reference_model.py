@@ -46,3 +46,29 @@ class RefGPT2(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.unembed(self.ln_final(x))
+
+
+def transformer_lens_copy(model):
+    """TransformerLens 3.x's HookedTransformer with ``model``'s weights, converted by
+    TransformerLens itself from the Hugging Face export (unprocessed, so equal logits)."""
+    import tempfile
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+    from transformers import GPT2LMHeadModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = GPT2LMHeadModel.from_pretrained(model.save_hf(tmp)).eval()
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd,
+        n_ctx=c.n_positions, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
+        eps=c.layer_norm_epsilon, device="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tl = HookedTransformer(cfg)
+        tl.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                       center_unembed=False, fold_value_biases=False)
+    return tl.eval()

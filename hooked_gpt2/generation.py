@@ -89,20 +89,25 @@ def decoding_products(model):
     on one thread or two. Many-row products (prefill, training) keep ``F.linear``.
     GPU libraries stream either way well, so there nothing changes.
     """
-    unembed = _SplitRows(model.unembed)
-    if model.W_E.device.type != "cpu":
-        yield unembed.linear
+    if model.W_E.device.type != "cpu" or not _plain_weight(model.unembed):
+        yield lambda x: F.linear(x, model.unembed.weight, model.unembed.bias)
         return
+    unembed = _SplitRows(model.unembed)
     patched = []
     try:
         for module in model.modules():
-            if isinstance(module, nn.Linear) and module is not model.unembed:
+            if isinstance(module, nn.Linear) and module is not model.unembed and _plain_weight(module):
                 module.forward = _SplitRows(module)
                 patched.append(module)
         yield unembed
     finally:
         for module in patched:
             del module.forward
+
+
+def _plain_weight(linear: nn.Linear) -> bool:
+    """A dense weight; a quantised one (a tensor subclass, e.g. torchao's) keeps its own kernel."""
+    return type(linear.weight.data) is torch.Tensor
 
 
 class _SplitRows:
@@ -181,3 +186,59 @@ def generate_tokens(
             return out
     finally:
         model.train(was_training)
+
+
+@torch.inference_mode()
+def speculative_greedy(
+    model, draft, tokens: Int[Tensor, "1 pos"], max_new_tokens: int, k: int = 4,
+) -> tuple[Int[Tensor, "1 new_pos"], float]:
+    """Greedy generation of ``model`` with ``draft`` proposing ``k`` tokens at a time; one
+    forward of ``model`` checks them all and keeps the longest run it agrees with, plus its
+    own next token. The tokens are ``model``'s greedy ones (up to ties between logits
+    that batching rounds differently); also returns the fraction of drafted tokens kept.
+
+    >>> out, acceptance = speculative_greedy(model, model, model.to_tokens("Hello"), 5)  # drafting for itself
+    >>> acceptance
+    1.0
+    """
+    tokens = model.check_tokens(tokens)
+    check_sampling_args(max_new_tokens, 0.0, None, None)
+    if tokens.shape[0] != 1:
+        raise ValueError(f"speculative decoding here takes one sequence, got a batch of {tokens.shape[0]}: "
+                         "rows accept different numbers of tokens, so generate them one at a time")
+    if draft.cfg.d_vocab != model.cfg.d_vocab or draft.cfg.vocab != model.cfg.vocab:
+        raise ValueError(f"the draft model's vocabulary ({draft.cfg.d_vocab} ids) is not the model's "
+                         f"({model.cfg.d_vocab}): draft with a model trained on the same tokens")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (tokens drafted per step) must be a positive integer, got {k!r}")
+    end = tokens.shape[1] + max_new_tokens
+    if end > min(model.cfg.n_ctx, draft.cfg.n_ctx):
+        raise ValueError(f"a prompt of {tokens.shape[1]} tokens plus {max_new_tokens} new tokens exceeds the "
+                         f"context of {min(model.cfg.n_ctx, draft.cfg.n_ctx)} (the smaller of the two models')")
+    if max_new_tokens == 0:
+        return tokens, float("nan")
+    caches = {name: KVCache(m.cfg, 1, end, tokens.device, m.W_E.dtype) for name, m in (("model", model), ("draft", draft))}
+    proposed = accepted = 0
+    with contextlib.ExitStack() as stack:
+        unembed = stack.enter_context(decoding_products(model))
+        draft_unembed = unembed if draft is model else stack.enter_context(decoding_products(draft))
+        out = torch.cat([tokens, unembed(model.final_residual(tokens, caches["model"])[:, -1]).argmax(-1)[:, None]], 1)
+        for cache in caches.values():
+            cache.ids_in_range = True
+        # Invariant: each cache holds every token of ``out`` but the last, or fewer (the draft's).
+        while out.shape[1] < end:
+            drafted = min(k, end - out.shape[1] - 1)
+            guesses = out
+            for _ in range(drafted):
+                step = guesses[:, caches["draft"].length :]
+                guess = draft_unembed(draft.final_residual(step, caches["draft"])[:, -1]).argmax(-1)
+                guesses = torch.cat([guesses, guess[:, None]], 1)
+            checked = unembed(model.final_residual(guesses[:, caches["model"].length :], caches["model"])[0])
+            wanted = checked.argmax(-1)  # the model's next token after each prefix
+            drafts = guesses[0, out.shape[1] :]
+            agree = int((drafts == wanted[:drafted]).long().cumprod(0).sum()) if drafted else 0
+            proposed, accepted = proposed + drafted, accepted + agree
+            out = torch.cat([out, drafts[None, :agree], wanted[None, agree : agree + 1]], 1)
+            for cache in caches.values():  # forget the keys of rejected drafts
+                cache.length = min(cache.length, out.shape[1] - 1)
+    return out, accepted / proposed if proposed else float("nan")
