@@ -78,8 +78,8 @@ class TrainConfig:
     overwrite: bool = _help("delete an existing run directory at --out and start afresh", default=False)
     seed: int = _help("seed for initialisation, dropout and sampling", default=1337)
     data_order_seed: int | None = _help(
-        "seed of the shuffled order in which the training sequences are read (resumable); off = the stream in "
-        "order, as llm.c reads it", default=0
+        "seed of the shuffled order in which the training sequences are read (resumable); default 0; off = "
+        "the stream in order, as llm.c reads it", default=0
     )
     # Repeated spans (data_prep.repeats): the data that makes induction heads form quickly.
     repeat_fraction: float | None = _help(
