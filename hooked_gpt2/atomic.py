@@ -48,6 +48,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _fsync(path.parent)  # make the rename itself durable
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, data: str | bytes | Iterable) -> None:
     """Write ``data`` (text, bytes, or an iterable of bytes-like parts) to ``path`` atomically."""
     if isinstance(data, str):

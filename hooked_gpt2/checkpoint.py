@@ -5,13 +5,14 @@ file intact rather than a truncated one.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, atomic_write
+from .atomic import atomic_path, atomic_write, current_umask
 from .config import ConfigError, GPT2Config
 
 CONFIG_NAME = "config.json"
@@ -38,9 +39,11 @@ def check_stand_in(name: str, tensor: torch.Tensor, value: float, what: str) -> 
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file``, atomically."""
+    """``safetensors.torch.save_file``, atomically, with the permissions of every other file
+    we write (safetensors creates its files readable by their owner only, whatever the umask)."""
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())
 
 
 def model_state_for_saving(model) -> dict[str, torch.Tensor]:

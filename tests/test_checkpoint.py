@@ -1,6 +1,7 @@
 """save_pretrained / from_pretrained: bitwise round trips and clear errors on bad files."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -138,3 +139,16 @@ def test_saving_refuses_to_replace_a_checkpoint_or_a_non_empty_directory(save, t
     assert (ckpt / "state.json").read_text() == '{"step": 10}\n'  # overwrite replaces only what it writes
     load = HookedGPT2.from_pretrained if save == "save_pretrained" else HookedGPT2.from_hf
     assert torch.equal(load(ckpt).W_E, second.W_E)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_file_of_a_checkpoint_follows_the_umask(tiny_model, tmp_path, umask):
+    """safetensors creates its files 0600 whatever the umask; a checkpoint's weights must be
+    as readable as the config beside them (a shared run directory, a copied checkpoint)."""
+    old = os.umask(umask)
+    try:
+        path = tiny_model.save_pretrained(tmp_path / f"ckpt-{umask:o}")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes
