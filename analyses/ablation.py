@@ -176,7 +176,7 @@ def add_to_page(page: Page, results: dict[str, AblationResult], title: str) -> N
 
 
 def main(argv=None) -> int:
-    p = cli.parser("Zero, mean and resample ablation of every head and MLP: the change in loss.")
+    p = cli.parser("analyses.ablation", "Zero, mean and resample ablation of every head and MLP: the change in loss.")
     p.add_argument("--methods", default="zero,mean,resample", help="comma-separated ablation methods")
     p.add_argument("--heads", default=None, help="also ablate these heads together, e.g. 0.1,1.3 (LAYER.HEAD)")
     p.add_argument("--reference-seed", type=int, default=0,

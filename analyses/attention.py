@@ -52,7 +52,7 @@ def add_to_page(page: Page, str_tokens: list[str], patterns: dict[int, Tensor], 
 
 
 def main(argv=None) -> int:
-    p = cli.parser("Attention patterns of every head in the chosen layers (circuitsvis, offline).")
+    p = cli.parser("analyses.attention", "Attention patterns of every head in the chosen layers (circuitsvis, offline).")
     p.add_argument("--layers", default="all", help="comma-separated layers to show, or 'all'")
     args = p.parse_args(argv)
     model = cli.load_model(args.checkpoint, args.device)

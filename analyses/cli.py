@@ -21,9 +21,10 @@ USER_ERRORS = (ValueError, HookError)
 DEVICE_HELP = "auto (a CUDA GPU if there is one, else the CPU; the default, as in training), cpu, cuda or cuda:N"
 
 
-def parser(description: str, prompt: bool = True) -> argparse.ArgumentParser:
-    """An argument parser with ``--checkpoint``, ``--out`` and (optionally) ``--prompt``."""
-    p = argparse.ArgumentParser(description=description)
+def parser(module: str, description: str, prompt: bool = True) -> argparse.ArgumentParser:
+    """An argument parser for ``python -m <module>`` with ``--checkpoint``, ``--out`` and
+    (optionally) ``--prompt``."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (save_pretrained output or a Hugging Face GPT-2 directory)")
     p.add_argument("--out", required=True, help="directory to write report.html and results.json into")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)

@@ -99,7 +99,7 @@ def add_to_page(page: Page, result: DLAResult, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = cli.parser("Direct logit attribution of every head and MLP to an answer's logit.")
+    p = cli.parser("analyses.dla", "Direct logit attribution of every head and MLP to an answer's logit.")
     p.add_argument("--answer", required=True, help="the answer token (a single token, e.g. ' Paris')")
     p.add_argument("--wrong", default=None, help="a competing token: attribute the logit difference instead")
     p.add_argument("--pos", type=int, default=-1, help="the position whose prediction is attributed (default: last)")

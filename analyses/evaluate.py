@@ -243,7 +243,7 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Test loss on a prepared data set's held-out split, and HellaSwag "
+    p = argparse.ArgumentParser(prog="python -m analyses.evaluate", description="Test loss on a prepared data set's held-out split, and HellaSwag "
                                             "accuracy, for several models on the same tokens; one table.")
     p.add_argument("models", nargs="+", help="checkpoint directories: ours (save_pretrained / training), "
                                              "save_hf exports, or Hugging Face GPT-2 directories")

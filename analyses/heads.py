@@ -134,7 +134,7 @@ def add_to_page(page: Page, scores: dict[str, Tensor], title: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = cli.parser("Previous-token, duplicate-token and induction scores for every head.", prompt=False)
+    p = cli.parser("analyses.heads", "Previous-token, duplicate-token and induction scores for every head.", prompt=False)
     p.add_argument("--seq-len", type=int, default=20, help="length of the random sequence that is repeated")
     p.add_argument("--batch", type=int, default=8, help="number of repeated random sequences")
     p.add_argument("--seed", type=int, default=0, help="seed for the random tokens")

@@ -295,7 +295,7 @@ def report_page(summary: dict, by_model: dict, scores: list[dict]) -> Page:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Score responses.jsonl of fine-tuned models with an LLM judge behind an "
+    p = argparse.ArgumentParser(prog="python -m analyses.judge", description="Score responses.jsonl of fine-tuned models with an LLM judge behind an "
                                             "OpenAI-compatible chat-completions endpoint; mean and CI per model.")
     p.add_argument("responses", nargs="+", help="training.finetune run directories, or responses.jsonl files")
     p.add_argument("--base-url", required=True, help="endpoint root, e.g. http://localhost:11434/v1 (Ollama), "

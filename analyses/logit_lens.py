@@ -115,7 +115,7 @@ def add_to_page(page: Page, model, tokens: Tensor, result: LogitLensResult, titl
 
 
 def main(argv=None) -> int:
-    p = cli.parser("Logit lens: each layer's residual stream through ln_final and the unembedding.")
+    p = cli.parser("analyses.logit_lens", "Logit lens: each layer's residual stream through ln_final and the unembedding.")
     p.add_argument("--data", default=None, help="data_prep directory of token shards; analyse a batch of it instead of --prompt")
     p.add_argument("--split", default="val", help="which split's shards to read with --data")
     p.add_argument("--batch", type=int, default=8, help="number of sequences drawn with --data")

@@ -351,7 +351,7 @@ def add_to_page(page: Page, results: dict[str, Tensor], str_tokens: list[str], t
 
 
 def main(argv=None) -> int:
-    p = cli.parser("Activation patching and attribution patching from a corrupted prompt to a clean one.", prompt=False)
+    p = cli.parser("analyses.patching", "Activation patching and attribution patching from a corrupted prompt to a clean one.", prompt=False)
     p.add_argument("--clean", default="When John and Mary went to the store, John gave a drink to",
                    help="the clean prompt")
     p.add_argument("--corrupted", default="When John and Mary went to the store, Mary gave a drink to",

@@ -14,7 +14,7 @@ from .html import Page, to_jsonable
 
 
 def main(argv=None) -> int:
-    p = cli.parser("A one-page report of every analysis for one checkpoint.")
+    p = cli.parser("analyses.report", "A one-page report of every analysis for one checkpoint.")
     p.set_defaults(out=None)
     for action in p._actions:
         if action.dest == "out":

@@ -189,7 +189,7 @@ def test_recomputed_losses_autocast_on_the_analysis_device_and_cache_by_device(l
 def test_the_analyses_default_to_the_device_training_uses():
     from analyses import cli
 
-    assert cli.parser("x").parse_args(["--checkpoint", "c", "--out", "o"]).device == "auto"
+    assert cli.parser("analyses.x", "x").parse_args(["--checkpoint", "c", "--out", "o"]).device == "auto"
     assert ot.over_training.__kwdefaults__["device"] == "auto"
 
 
