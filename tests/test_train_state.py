@@ -18,7 +18,7 @@ import torch
 from hooked_gpt2 import GPT2Config, HookedGPT2
 from training import rundir
 from training.precision import resolve_precision
-from training.config import TrainConfig, config_from_args
+from training.config import DEMO_VOCAB, TrainConfig, config_from_args, default_data
 from training.schedule import checkpoint_steps, get_lr
 from training.train import main, train
 
@@ -209,6 +209,13 @@ def test_the_demo_shape_in_the_readme_is_train_configs_defaults():
     assert precision == resolve_precision(cfg.precision, torch.device("cpu"))  # the main job runs on the CPU
     assert int(steps.replace(",", "")) == cfg.max_steps and int(tokens.replace(",", "")) == step_tokens
     assert float(millions) == pytest.approx(cfg.max_steps * step_tokens / 1e6, rel=0.1)
+    recipe = re.search(r"It reads the corpus over its ([\d,]+)-token compact vocabulary .*? with (\d+) warm-up steps and "
+                       r"a (\w+) decay of the learning rate from ([\d.e-]+) to ([\d.e-]+),", text)
+    assert recipe, "README.md no longer states the demo's vocabulary and schedule in the expected sentence"
+    vocab, warmup, schedule, lr, min_lr = recipe.groups()
+    assert (int(vocab.replace(",", "")), None) == (DEMO_VOCAB, cfg.data) and default_data("demo")[1] == DEMO_VOCAB
+    assert (int(warmup), schedule, float(lr), float(min_lr)) == (cfg.warmup_steps, cfg.schedule, cfg.lr, cfg.min_lr)
+    assert cfg.data_order_seed is not None and "in a shuffled order" in text
     saves = re.search(r"saving checkpoints at steps ([\d, .]+?) and then every (\d+)", text)
     assert saves, "README.md no longer states the demo's checkpoint steps"
     listed = [int(s) for s in re.findall(r"\d+", saves.group(1))]
