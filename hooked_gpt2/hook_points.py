@@ -9,6 +9,13 @@ raises ``HookOutputError`` naming the hook point, the shape expected and what ca
 Hooks are attached only for the length of a ``with model.hooks(...)`` block, and are
 removed in ``finally`` even when the run raises; TransformerLens's ways of leaving them
 on (``add_hook``, ``reset_hooks_end=False``) are there too, undone by ``reset_hooks()``.
+
+Some activations (the attention pattern and scores, the layer norms' scale, each head's
+result) are computed only when something reads them: ``has_hooks()``. That is a torch
+hook attached here, or an nnsight trace waiting for this hook point's value or
+caching it: nnsight wraps a module's ``forward`` instead of registering hooks
+(``nnsight_wants``), so without asking it a plain trace would run the fused path and
+the pattern would never exist.
 """
 
 import contextlib
@@ -66,6 +73,25 @@ class Handle(NamedTuple):
     level: int | None  # the hooks() context that left it attached (reset_hooks_end=False), else None
 
 
+# Where nnsight keeps its per-module state once it has wrapped a module (nnsight >= 0.5,
+# intervention/source.py): routes to the interleavers of the traces that reach it.
+NNSIGHT_STATE = "__nnsight__"
+
+
+def nnsight_wants(hook_point: nn.Module) -> bool:
+    """Whether a running nnsight trace reads, edits, skips or caches this hook point.
+
+    Its workers park on the next location they ask for (in forward order, which nnsight
+    enforces), and its caches subscribe to theirs before the run starts; either one
+    here means the value must be computed. Outside a trace, or in a trace asking for
+    other things, the fast path stays.
+    """
+    interleaver, _, locations = hook_point.__dict__[NNSIGHT_STATE].active()
+    if interleaver is None:
+        return False
+    return any(location in interleaver.parked or location in interleaver.observers for location in locations)
+
+
 class HookPoint(nn.Module):
     """Identity on its input; hooks attached to it can read or replace the activation."""
 
@@ -76,7 +102,8 @@ class HookPoint(nn.Module):
         self.handles: list[Handle] = []
 
     def has_hooks(self) -> bool:
-        return bool(self._forward_hooks)
+        """Whether something will read this activation in this forward pass."""
+        return bool(self._forward_hooks) or (NNSIGHT_STATE in self.__dict__ and nnsight_wants(self))
 
     def layer(self) -> int | None:
         """The block index in the name, or None outside the blocks."""
