@@ -333,6 +333,13 @@ class HookedGPT2(TextMixin, CachingMixin, HookedRootModule):
         self.setup_hooks()
         self._sync_cfg()
 
+    def to(self, *args, print_details: bool = False, **kwargs) -> "HookedGPT2":
+        """``nn.Module.to``. ``print_details`` is TransformerLens's keyword (it printed the
+        device moved to; here nothing is printed), taken because libraries call it on
+        TransformerLens-like models: devinterp's ``sample`` calls
+        ``model.to(device, print_details=False)``."""
+        return super().to(*args, **kwargs)
+
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), .float(), ...
         self._sync_cfg()
