@@ -31,7 +31,7 @@ def tokens() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained(model):
-    """(the SAE before training, after): 2,048 tokens of SAELens's own training loop on our model."""
+    """(the SAE before training, after, SAELens's activation store): 2,048 tokens of SAELens's own training loop on our model."""
     ids = torch.randint(0, D_VOCAB, (2048, N_CTX), generator=torch.Generator().manual_seed(0))
     cfg = sae_lens.LanguageModelSAERunnerConfig(
         sae=sae_lens.StandardTrainingSAEConfig(d_in=model.cfg.d_model, d_sae=64, l1_coefficient=1e-3),
@@ -48,7 +48,7 @@ def trained(model):
     before = copy.deepcopy(runner.sae)
     after = runner.run().eval()
     before.cfg.metadata.hook_name = HOOK  # SAELens names the hook point when training ends
-    return before.eval(), after
+    return before.eval(), after, runner.activations_store
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,9 @@ def clean_activation(model, tokens) -> torch.Tensor:
 
 
 def test_training_through_override_model_improves_the_reconstruction(model, tokens, trained):
-    before, after = trained
+    before, after, store = trained
     x = clean_activation(model, tokens)
+    torch.testing.assert_close(store.get_activations(tokens), x, rtol=0, atol=0)  # SAELens trains on our cache
     with torch.no_grad():
         errors = [((sae(x) - x) ** 2).mean().item() for sae in (before, after)]
     assert errors[1] < 0.5 * errors[0], errors
@@ -170,3 +171,13 @@ def test_splicing_refuses_what_it_cannot_honour(model, sae, trained):
     with pytest.raises(ValueError, match="exclude_special_tokens"):
         model.add_sae(sae, exclude_special_tokens=True)
     assert model.acts_to_saes == {}
+
+
+def test_hooks_left_on_an_sae_hook_point_fire_and_reset(model, tokens, sae):
+    seen = []
+    with model.saes(saes=[sae]):
+        model.add_hook(HOOK + ".hook_sae_acts_post", lambda acts, hook: seen.append(hook.name))
+        model(tokens)
+        model.reset_hooks()
+        model(tokens)
+    assert seen == [HOOK + ".hook_sae_acts_post"]
