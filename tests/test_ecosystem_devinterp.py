@@ -38,8 +38,10 @@ def untied() -> HookedGPT2:
     return HookedGPT2(GPT2Config.preset("tiny", tie_embeddings=False, **CFG))
 
 
-@pytest.mark.parametrize("layer,head", [(0, 1), (1, 3)])
-def test_a_head_restriction_selects_exactly_that_heads_q_k_v_o(untied, layer, head):
+@pytest.mark.parametrize("layer,head,d_head", [(0, 1, None), (1, 3, None), (1, 2, 16)])
+def test_a_head_restriction_selects_exactly_that_heads_q_k_v_o(untied, layer, head, d_head):
+    if d_head is not None:  # heads wider than d_model / n_heads: devinterp's own GPT-2 rule assumes they are not
+        untied = HookedGPT2(GPT2Config.preset("tiny", tie_embeddings=False, **{**CFG, "d_head": d_head}))
     marks = selected(untied, create_param_masks(untied, f"l{layer}h{head}"))
     for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
         expected = torch.zeros_like(marks[name])
