@@ -127,19 +127,22 @@ class SAEMixin:
             raise ValueError("exclude_special_tokens is not supported here: an SAE applies at every position")
         name = hook_name_of(sae)
         splices = self._splices()
-        if name in splices:
-            self._reset_sae(name)
-        if name not in self.hook_dict:
-            self.check_name(name)  # raises with the closest names
-        original = self.hook_dict[name]
-        if not isinstance(original, nn.Module) or isinstance(original, SplicedSAE) or name.count(".hook_sae_"):
-            raise HookError(f"{name} is an SAE's own hook point; splice SAEs into the model's hook points")
+        if name in splices:  # replaced below, once everything is checked
+            original = splices[name].original
+        else:
+            if name not in self.hook_dict:
+                self.check_name(name)  # raises with the closest names
+            original = self.hook_dict[name]
+            if ".hook_sae_" in name:
+                raise HookError(f"{name} is an SAE's own hook point; splice SAEs into the model's hook points")
         if original._forward_hooks:
             raise HookError(
                 f"{name} has hooks attached, which would not run while an SAE replaces it: remove them first "
                 f"(model.reset_hooks()), or attach them to {name}.hook_sae_input / {name}.hook_sae_output"
             )
         error_term = sae.use_error_term if use_error_term is None else use_error_term
+        if name in splices:
+            self._reset_sae(name)
         parent, _, attribute = name.rpartition(".")
         setattr(self.get_submodule(parent) if parent else self, attribute, SplicedSAE(sae, original, error_term))
         self.setup_hooks()
