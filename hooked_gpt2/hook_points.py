@@ -9,10 +9,18 @@ raises ``HookOutputError`` naming the hook point, the shape expected and what ca
 Hooks are attached only for the length of a ``with model.hooks(...)`` block, and are
 removed in ``finally`` even when the run raises; TransformerLens's ways of leaving them
 on (``add_hook``, ``reset_hooks_end=False``) are there too, undone by ``reset_hooks()``.
+
+Some activations (the attention pattern and scores, the layer norms' scale, each head's
+result) are computed only when something reads them: ``has_hooks()``. That is a torch
+hook attached here, or an nnsight trace waiting for this hook point's value or
+caching it: nnsight wraps a module's ``forward`` instead of registering hooks
+(``nnsight_wants``), so without asking it a plain trace would run the fused path and
+the pattern would never exist.
 """
 
 import contextlib
 import difflib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -66,6 +74,25 @@ class Handle(NamedTuple):
     level: int | None  # the hooks() context that left it attached (reset_hooks_end=False), else None
 
 
+# Where nnsight keeps its per-module state once it has wrapped a module (nnsight >= 0.5,
+# intervention/source.py): routes to the interleavers of the traces that reach it.
+NNSIGHT_STATE = "__nnsight__"
+
+
+def nnsight_wants(hook_point: nn.Module) -> bool:
+    """Whether a running nnsight trace reads, edits, skips or caches this hook point.
+
+    Its workers park on the next location they ask for (in forward order, which nnsight
+    enforces), and its caches subscribe to theirs before the run starts; either one
+    here means the value must be computed. Outside a trace, or in a trace asking for
+    other things, the fast path stays.
+    """
+    interleaver, _, locations = hook_point.__dict__[NNSIGHT_STATE].active()
+    if interleaver is None:
+        return False
+    return any(location in interleaver.parked or location in interleaver.observers for location in locations)
+
+
 class HookPoint(nn.Module):
     """Identity on its input; hooks attached to it can read or replace the activation."""
 
@@ -76,7 +103,8 @@ class HookPoint(nn.Module):
         self.handles: list[Handle] = []
 
     def has_hooks(self) -> bool:
-        return bool(self._forward_hooks)
+        """Whether something will read this activation in this forward pass."""
+        return bool(self._forward_hooks) or (NNSIGHT_STATE in self.__dict__ and nnsight_wants(self))
 
     def layer(self) -> int | None:
         """The block index in the name, or None outside the blocks."""
@@ -117,31 +145,43 @@ class HookPoint(nn.Module):
         self.ctx.clear()
 
     def _attach(self, fn: HookFn, direction: str, prepend: bool = False) -> torch.utils.hooks.RemovableHandle:
-        if direction == "fwd":
-
-            def forward_hook(module, inputs, output):
-                return checked_output(fn(output, self), output, self, fn, "fwd")
-
-        elif direction == "bwd":
-            # A tensor hook on the activation sees exactly its gradient and may replace it.
-            # It goes on a fresh alias: hook points are identities, so one tensor can pass
-            # through several (blocks.0.hook_resid_post is blocks.1.hook_resid_pre), and
-            # hooks on one tensor run in registration order, not upstream after downstream.
-            def forward_hook(module, inputs, output):
-                if output.requires_grad:
-                    output = output.view_as(output)
-                    output.register_hook(lambda grad: checked_output(fn(grad, self), grad, self, fn, "bwd"))
-                    return output
-
-        else:
-            raise HookError(f"hook direction must be 'fwd' or 'bwd', got {direction!r}")
-        return self.register_forward_hook(forward_hook, prepend=prepend)
+        return attach(self, fn, direction, prepend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def extra_repr(self) -> str:
         return self.name
+
+
+def attach(hook_point: nn.Module, fn: HookFn, direction: str, prepend: bool = False) -> torch.utils.hooks.RemovableHandle:
+    """Register ``fn`` on ``hook_point`` as a torch forward hook; works on TransformerLens's
+    hook points too (those inside an SAE spliced into the model, ``hooked_gpt2.saes``)."""
+    if direction == "fwd":
+
+        def forward_hook(module, inputs, output):
+            return checked_output(fn(output, hook_point), output, hook_point, fn, "fwd")
+
+    elif direction == "bwd":
+        # A tensor hook on the activation sees exactly its gradient and may replace it.
+        # It goes on a fresh alias: hook points are identities, so one tensor can pass
+        # through several (blocks.0.hook_resid_post is blocks.1.hook_resid_pre), and
+        # hooks on one tensor run in registration order, not upstream after downstream.
+        def forward_hook(module, inputs, output):
+            if output.requires_grad:
+                output = output.view_as(output)
+                output.register_hook(lambda grad: checked_output(fn(grad, hook_point), grad, hook_point, fn, "bwd"))
+                return output
+
+    else:
+        raise HookError(f"hook direction must be 'fwd' or 'bwd', got {direction!r}")
+    return hook_point.register_forward_hook(forward_hook, prepend=prepend)
+
+
+def is_hook_point(module: nn.Module) -> bool:
+    """Ours, or TransformerLens's: an SAELens SAE spliced into the model brings its own."""
+    tl_hook_points = sys.modules.get("transformer_lens.hook_points")  # imported if such an SAE exists
+    return isinstance(module, HookPoint) or (tl_hook_points is not None and isinstance(module, tl_hook_points.HookPoint))
 
 
 class HookedRootModule(nn.Module):
@@ -151,7 +191,7 @@ class HookedRootModule(nn.Module):
         """Name every HookPoint by its module path; call at the end of ``__init__``."""
         self.hook_dict: dict[str, HookPoint] = {}
         for name, module in self.named_modules():
-            if isinstance(module, HookPoint):
+            if is_hook_point(module):
                 module.name = name
                 self.hook_dict[name] = module
 
@@ -247,7 +287,7 @@ class HookedRootModule(nn.Module):
             for direction, (name_or_filter, fn) in specs:
                 for name in self.resolve_names(name_or_filter):
                     if reset_hooks_end:
-                        handles.append(self.hook_dict[name]._attach(fn, direction))
+                        handles.append(attach(self.hook_dict[name], fn, direction))
                     else:  # tracked by the hook point, so that reset_hooks() removes it
                         self.hook_dict[name].add_hook(fn, dir=direction, level=self.context_level)
             yield self

@@ -27,6 +27,7 @@ from .factored_matrix import FactoredMatrix, composition_scores
 from .generation import generate_tokens
 from .hook_points import HookedRootModule, HookPoint
 from .losses import next_token_loss
+from .saes import SAEMixin
 from .text import TextMixin
 
 
@@ -303,7 +304,7 @@ class Unembed(nn.Linear):
         return self.bias if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
 
 
-class HookedGPT2(TextMixin, CachingMixin, HookedRootModule):
+class HookedGPT2(TextMixin, CachingMixin, SAEMixin, HookedRootModule):
     """GPT-2 for training and for taking apart.
 
     >>> model = HookedGPT2(GPT2Config.preset("tiny"))
@@ -332,6 +333,13 @@ class HookedGPT2(TextMixin, CachingMixin, HookedRootModule):
         self.init_weights()
         self.setup_hooks()
         self._sync_cfg()
+
+    def to(self, *args, print_details: bool = False, **kwargs) -> "HookedGPT2":
+        """``nn.Module.to``. ``print_details`` is TransformerLens's keyword (it printed the
+        device moved to; here nothing is printed), taken because libraries call it on
+        TransformerLens-like models: devinterp's ``sample`` calls
+        ``model.to(device, print_details=False)``."""
+        return super().to(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), .float(), ...
