@@ -104,6 +104,18 @@ def encode_documents(documents: Iterable[str | FileText], workers: int,
         yield np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else [], chunk_tag.plus(found_by_workers)
 
 
+def start_method() -> str:
+    """How the tokenising workers start. fork starts them in milliseconds with the tokenizer
+    already built, but a process that runs other threads (a notebook's, a library's
+    background thread) can fork while one of them holds a lock, and the child then waits on
+    it forever: there, and where fork does not exist (macOS, Windows), forkserver or spawn,
+    which start each worker afresh."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
 def encode_chunks(chunks: Iterable[tuple[list[str | FileText], Any]], workers: int) -> Iterator[tuple[tuple, Any]]:
     """Each chunk's ``encode_chunk`` result with its tag, in input order, from ``workers``
     tokenising processes: this one and ``workers - 1`` children.
@@ -117,11 +129,8 @@ def encode_chunks(chunks: Iterable[tuple[list[str | FileText], Any]], workers: i
         yield from ((encode_chunk(chunk), chunk_tag) for chunk, chunk_tag in chunks)
         return
     get_tokenizer()  # load the ranks once here; forked workers inherit them
-    # fork starts workers in milliseconds with the tokenizer already built; spawn (the
-    # only choice on macOS / Windows) re-imports everything in each worker.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     children = workers - 1
-    pool = multiprocessing.get_context(method).Pool(children, initializer=_ignore_sigint)
+    pool = multiprocessing.get_context(start_method()).Pool(children, initializer=_ignore_sigint)
     try:
         # Pool.imap would read the whole input ahead (a streamed dataset in memory); a
         # bounded window of results keeps order and bounds memory.

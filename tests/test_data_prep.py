@@ -557,3 +557,29 @@ def test_shuffled_order_resumes_exactly_across_epochs(reference):
         BatchLoader(ds, 2, 700, rank=1, world_size=2, order_seed=8).load_state_dict(state)
     with pytest.raises(ShardError, match="data order seed 9"):
         BatchLoader(ds, 2, 700, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_workers_are_not_forked_from_a_process_running_other_threads(tmp_path):
+    """A fork while another thread holds a lock leaves the child waiting forever (it hung
+    the suite once SAELens / nnsight had left threads behind): with a second thread alive,
+    the tokenising workers start with forkserver, and preparing still gives the same shards."""
+    import threading
+
+    from data_prep.encode import start_method
+    from data_prep.prepare import prepare
+
+    assert start_method() == "fork" or threading.active_count() > 1
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, daemon=True)
+    thread.start()
+    try:
+        assert start_method() in ("forkserver", "spawn")
+        kw = dict(max_tokens=200_000, val_tokens=10_000, progress=False, log=lambda *a: None)
+        threaded = prepare("python-stdlib", tmp_path / "threaded", workers=2, **kw)
+    finally:
+        release.set()
+    single = prepare("python-stdlib", tmp_path / "single", workers=1, **kw)
+    names = sorted(p.name for p in single.glob("*.bin"))
+    assert names == ["train_000000.bin", "val_000000.bin"]
+    for name in names:
+        assert (threaded / name).read_bytes() == (single / name).read_bytes(), name
