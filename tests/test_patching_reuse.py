@@ -13,6 +13,7 @@ from analyses.patching import (
     KINDS, Patch, activation_patching, baseline, forward_from, patches_for, residual_names, run_patched,
 )
 from hooked_gpt2 import GPT2Config, HookedGPT2
+from tests.perturbed import perturb_biases_and_norms
 
 # Our kind -> TransformerLens's function (same axes: [layer pos], [layer head], [layer pos head]).
 TL_FUNCTIONS = {
@@ -32,12 +33,7 @@ def perturbed_model(n_layers=3, seed=0) -> HookedGPT2:
     """A random GPT-2 whose biases and layer norms are not at their initial values."""
     torch.manual_seed(seed)
     model = HookedGPT2(GPT2Config(n_layers=n_layers, d_model=32, n_heads=4, n_ctx=32, d_vocab=1000)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif ".ln" in name or name.startswith("ln_final"):
-                p.normal_(1, 0.3)
+    perturb_biases_and_norms(model)
     return model
 
 

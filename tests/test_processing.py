@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hooked_gpt2 import GPT2Config, HookedGPT2, processing
+from tests.perturbed import perturb_biases_and_norms
 
 STEPS = {
     "process_weights_": lambda model: model.process_weights_(refactor_factored_attn_matrices=True),
@@ -21,12 +22,7 @@ def perturbed_state(tie_embeddings: bool) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = HookedGPT2(GPT2Config(n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_vocab=97,
                                   tie_embeddings=tie_embeddings))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif ".ln" in name or name.startswith("ln_final"):
-                p.normal_(1, 0.3)
+    perturb_biases_and_norms(model)
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 

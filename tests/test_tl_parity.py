@@ -17,6 +17,7 @@ import torch
 transformer_lens = pytest.importorskip("transformer_lens")
 
 from hooked_gpt2 import GPT2Config, HookedGPT2  # noqa: E402
+from tests.perturbed import perturb_biases_and_norms  # noqa: E402
 
 PROMPTS = ["When Mary and John went to the store, John gave a drink to", "The cat sat on the mat and the cat"]
 PROCESSING = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
@@ -33,12 +34,7 @@ def base(tmp_path_factory):
     torch.manual_seed(0)
     cfg = GPT2Config(n_layers=2, d_model=32, n_heads=4, n_ctx=32, d_vocab=50257)
     model = HookedGPT2(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif ".ln" in name or name.startswith("ln_final"):
-                p.normal_(1, 0.3)
+    perturb_biases_and_norms(model)
     path = model.save_hf(tmp_path_factory.mktemp("hf") / "gpt2")
     return model, path
 
@@ -531,12 +527,7 @@ def shaped_base(request, tmp_path_factory):
     """A Hugging Face directory of a random GPT-2 of this shape (perturbed layer norms and biases)."""
     torch.manual_seed(1)
     model = HookedGPT2(GPT2Config(**SHAPES[request.param], n_ctx=32, d_vocab=50257)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif ".ln" in name or name.startswith("ln_final"):
-                p.normal_(1, 0.3)
+    perturb_biases_and_norms(model)
     return model.save_hf(tmp_path_factory.mktemp(request.param) / "gpt2")
 
 
