@@ -17,7 +17,7 @@ from training import rundir
 
 from . import over_training as ot
 from .cli import write_json
-from .formation import best_induction_head
+from .formation import best_induction_head, earliest
 
 OVER_TRAINING = "over_training.json"
 SHARE = 0.8  # concentration: how many heads carry this share of the in-context-learning effect
@@ -77,7 +77,7 @@ def run_values(results: dict | None) -> dict[str, float | None]:
     values = {
         "crossing_step": _number(crossing.get("step")),
         "crossing_tokens": _number(crossing.get("tokens_seen")),
-        "previous_token_step": previous_token_step(results),
+        "previous_token_step": earliest((results.get("formation") or {}).get("previous_token_crossings") or {}),
         "loss_rise_after_crossing": _number(((results.get("formation") or {}).get("loss") or {}).get("rise")),
         "final_icl": _number(last.get("icl")),
         "max_icl": max(icl) if icl else None,
@@ -89,14 +89,6 @@ def run_values(results: dict | None) -> dict[str, float | None]:
     for i, loss in enumerate(last.get("logit_lens") or []):
         values[f"logit_lens_{i}"] = _number(loss)
     return values
-
-
-def previous_token_step(results: dict) -> int | None:
-    """The first step at which any head's previous-token score reaches the crossing
-    threshold (None: never, or no head scores)."""
-    steps = [s for s in ((results.get("formation") or {}).get("previous_token_crossings") or {}).values()
-             if isinstance(s, int)]
-    return min(steps) if steps else None
 
 
 def logit_lens_label(i: int) -> str:

@@ -119,6 +119,12 @@ def first_crossings(rows: list[dict], detector: str, threshold: float) -> dict[s
     return first
 
 
+def earliest(crossings: dict[str, int | None]) -> int | None:
+    """The first step at which any head of ``first_crossings``' result crossed (None: none did)."""
+    steps = [step for step in crossings.values() if isinstance(step, int)]
+    return min(steps) if steps else None
+
+
 def best_head(row: dict, detector: str, layer: int | None = None) -> tuple[int, int]:
     """The (layer, head) with the highest ``detector`` score in ``row`` (within ``layer`` if given)."""
     scores = torch.tensor(row["heads"][detector])

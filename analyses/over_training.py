@@ -58,8 +58,8 @@ from training.precision import make_autocast
 from . import cli
 from .ablation import head_ablation
 from .common import AnalysisError
-from .formation import (Probes, attention_views, best_head, best_induction_head, first_crossings, k_composition,
-                        loss_around, text_icl, view_steps)
+from .formation import (Probes, attention_views, best_head, best_induction_head, earliest, first_crossings,
+                        k_composition, loss_around, text_icl, view_steps)
 from .heads import DETECTORS, repeated_random_tokens, scores_from_patterns
 from .html import Page, heatmap
 from .logit_lens import per_layer_loss
@@ -380,12 +380,12 @@ def write_report(results: dict, out: Path) -> Path:
 def crossing_marks(results: dict) -> list[tuple[int, str, str]]:
     """(step, label, colour) of the first previous-token and induction crossings."""
     formation, marks = results.get("formation"), []
-    prev = [s for s in (formation or {}).get("previous_token_crossings", {}).values() if s is not None]
+    prev = earliest((formation or {}).get("previous_token_crossings", {}))
     step = results["crossing"]["step"] if results["crossing"] is not None else None
-    if prev and min(prev) == step:  # one line, one label: two would be drawn over each other
+    if prev is not None and prev == step:  # one line, one label: two would be drawn over each other
         return [(step, f"previous-token and induction scores >= {CROSSING} at step {step}", "red")]
-    if prev:
-        marks.append((min(prev), f"previous-token score >= {CROSSING} at step {min(prev)}", "green"))
+    if prev is not None:
+        marks.append((prev, f"previous-token score >= {CROSSING} at step {prev}", "green"))
     if step is not None:
         marks.append((step, f"induction score >= {CROSSING} at step {step}", "red"))
     return marks

@@ -48,7 +48,12 @@ def _help(text: str, **kw):
 # rounding differs between instruction sets (enough to move or prevent the head's formation).
 PRESET_TRAINING = {"demo": {"repeat_fraction": 0.5, "precision": "fp32", "schedule": "cosine", "warmup_steps": 300}}
 OTHER_PRESETS_TRAINING = {"repeat_fraction": 0.0, "precision": "auto", "schedule": "constant", "warmup_steps": 30}
-DEMO_REPEAT_FRACTION = PRESET_TRAINING["demo"]["repeat_fraction"]
+
+
+def _by_preset(name: str) -> str:
+    """The help text's "default ..." for a field whose default ``PRESET_TRAINING`` sets."""
+    return (f"default {PRESET_TRAINING['demo'][name]} for the demo preset, {OTHER_PRESETS_TRAINING[name]} for "
+            "every other")
 
 
 def preset_training(preset: str) -> dict:
@@ -85,7 +90,7 @@ class TrainConfig:
     repeat_fraction: float | None = _help(
         "fraction of training sequences that start with a span of random tokens written twice, then go on "
         "with natural text (0 = natural text only); the tokens come from the training split's most frequent "
-        f"ones. Default: {DEMO_REPEAT_FRACTION} for the demo preset (its induction recipe), 0 for every other",
+        f"ones. {_by_preset('repeat_fraction').capitalize()}",
         default=None)
     repeat_vocab: int = _help("the repeated spans draw their tokens from this many most frequent training tokens",
                               default=256)
@@ -105,10 +110,9 @@ class TrainConfig:
     # Optimizer and schedule.
     lr: float = _help("peak learning rate", default=3e-3)
     min_lr: float = _help("learning rate at the end of the decay", default=3e-4)
-    warmup_steps: int | None = _help("linear warm-up steps from 0 to --lr; default 300 for the demo preset, 30 for "
-                                     "every other", default=None)
-    schedule: str | None = _help("after warm-up: cosine or linear decay to --min-lr, or constant; default cosine for "
-                                 "the demo preset, constant for every other", default=None)
+    warmup_steps: int | None = _help(f"linear warm-up steps from 0 to --lr; {_by_preset('warmup_steps')}", default=None)
+    schedule: str | None = _help("after warm-up: cosine or linear decay to --min-lr, or constant; "
+                                 + _by_preset("schedule"), default=None)
     weight_decay: float = _help("AdamW decoupled weight decay on matrices (0 = off)", default=0.1)
     beta1: float = _help("AdamW beta1", default=0.9)
     beta2: float = _help("AdamW beta2", default=0.95)
@@ -117,8 +121,8 @@ class TrainConfig:
     # Hardware.
     precision: str | None = _help(
         "auto (bf16 where the GPU has it natively, else fp16; bf16 on the CPU), fp32, bf16 (autocast, CPU or "
-        "CUDA) or fp16 (autocast + grad scaler, CUDA); default fp32 for the demo preset, auto for every other; "
-        "config.json records the one chosen", default=None)
+        f"CUDA) or fp16 (autocast + grad scaler, CUDA); {_by_preset('precision')}; config.json records the one "
+        "chosen", default=None)
     compile: bool = _help("torch.compile the model", default=False)
     device: str = _help("auto (CUDA if available), cpu, cuda or cuda:N", default="auto")
     ddp_timeout_s: int = _help("seconds a process waits on the others before the run fails", default=600)

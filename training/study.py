@@ -58,7 +58,7 @@ from hooked_gpt2 import CheckpointError, ConfigError
 from hooked_gpt2.atomic import atomic_write
 
 from . import rundir
-from .config import EXPERIMENT_ROLES, TrainConfig, default_data, changed_fields, fields_with_roles, tomllib
+from .config import EXPERIMENT_ROLES, TrainConfig, changed_fields, default_data, fields_with_roles, tomllib
 from .train import TrainingError, prepare_default_data, train, vocab_fields
 
 BASELINE = "baseline"

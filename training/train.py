@@ -262,7 +262,7 @@ def resolve(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
     data = cfg.data
     if data is None:
         if d.is_main:
-            data = prepare_default_data(cfg.preset, progress=cfg.progress)
+            prepare_default_data(cfg.preset, progress=cfg.progress)
         distributed.barrier(d)
         data = default_data(cfg.preset)[0]
     if not (Path(data) / "manifest.json").is_file():
